@@ -1,0 +1,117 @@
+"""The bounded buffer between the listener and the consumers, bounded in messages.
+
+One Lock with two Conditions (like queue.Queue), but with the operations this pipeline needs:
+a request's messages go in all or none, consumers take batches with a linger, a dying consumer
+hands its batch back at the head, and `close()` lets consumers see that the flow has ended.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from ingest.errors import QueueFull, ShuttingDown, TooLarge
+from ingest.messages import Message
+
+
+class Buffer:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: deque[Message] = deque()
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._not_full = threading.Condition(self._lock)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"Buffer(depth={len(self._items)}, capacity={self.capacity}, closed={self._closed})"
+
+    def depth(self) -> int:
+        # len() of a deque is atomic under the GIL; a gauge may read it without the lock.
+        return len(self._items)
+
+    def try_put_all(self, messages: Sequence[Message]) -> bool:
+        """Enqueue all messages if there is room now; never blocks (safe on the event loop)."""
+        with self._lock:
+            self._check_open(len(messages))
+            if len(self._items) + len(messages) > self.capacity:
+                return False
+            self._append(messages)
+            return True
+
+    def put_all(self, messages: Sequence[Message], deadline: float) -> None:
+        """Enqueue all messages or none, waiting until `deadline` (time.monotonic) for room."""
+        with self._lock:
+            self._check_open(len(messages))
+            while len(self._items) + len(messages) > self.capacity:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise QueueFull(f"queue is full ({self.capacity} messages)")
+                self._not_full.wait(remaining)
+                self._check_open(len(messages))
+            self._append(messages)
+
+    def _check_open(self, count: int) -> None:
+        if self._closed:
+            raise ShuttingDown("service is shutting down")
+        if count > self.capacity:
+            raise TooLarge(
+                f"request has {count} messages, more than the queue holds ({self.capacity})",
+                {"limit": self.capacity},
+            )
+
+    def _append(self, messages: Sequence[Message]) -> None:
+        self._items.extend(messages)
+        self._not_empty.notify_all()
+
+    def take(self, max_count: int, linger_s: float, wait_s: float) -> list[Message]:
+        """Up to `max_count` messages: wait `wait_s` for the first, then `linger_s` to fill up.
+
+        Returns an empty list when nothing arrived in `wait_s`, so the caller can look at its
+        stop flags, or at once when the buffer is closed and empty.
+        """
+        with self._lock:
+            if not self._items and not self._closed:
+                self._not_empty.wait(wait_s)
+            if self._items and len(self._items) < max_count and not self._closed:
+                linger_until = time.monotonic() + linger_s
+                while len(self._items) < max_count and not self._closed:
+                    remaining = linger_until - time.monotonic()
+                    if remaining <= 0 or not self._not_empty.wait(remaining):
+                        break
+            count = min(max_count, len(self._items))
+            batch = [self._items.popleft() for _ in range(count)]
+            if batch:
+                self._not_full.notify_all()
+            return batch
+
+    def requeue(self, batch: Sequence[Message]) -> None:
+        """Put a batch back at the head, past the capacity bound.
+
+        The overshoot is at most consumers × batch size, and taking it back is the only way a
+        dying consumer can keep what it held.
+        """
+        with self._lock:
+            self._items.extendleft(reversed(batch))
+            self._not_empty.notify_all()
+
+    def close(self) -> None:
+        """No more puts; waiting puts fail with ShuttingDown, consumers drain what is left."""
+        with self._lock:
+            self._closed = True
+            self._not_empty.notify_all()
+            self._not_full.notify_all()
+
+    def drained(self) -> bool:
+        with self._lock:
+            return self._closed and not self._items
+
+    def take_all(self) -> list[Message]:
+        """Empty the buffer: what is left when the drain deadline passes."""
+        with self._lock:
+            batch = list(self._items)
+            self._items.clear()
+            self._not_full.notify_all()
+            return batch

@@ -1,0 +1,194 @@
+"""The `ingest` command line: serve, push, top, db upgrade, config show.
+
+Settings resolve as flag > environment (INGEST_*) > config file (--config, TOML) > default;
+click does the resolving, Settings validates. Errors a user can cause end in one line on stderr
+and a named exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from sqlalchemy.exc import SQLAlchemyError
+
+from ingest import migrate
+from ingest.config import Settings, load_config_file, mask_url
+from ingest.errors import ClientError, ConfigError, IngestError, StartupError
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+_DEFAULTS = Settings()
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """Eager: the file's values become click's default_map, below env vars and flags."""
+    if value:
+        ctx.default_map = {**(ctx.default_map or {}), **load_config_file(Path(value))}
+    return value
+
+
+def _option(*decls: str, envvar: str, help: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(*decls, envvar=envvar, show_envvar=True, show_default=True, help=help, **kwargs)
+
+
+SETTINGS_OPTIONS = [
+    click.option("--config", "config_file", envvar="INGEST_CONFIG", show_envvar=True, is_eager=True,
+                 expose_value=False, callback=_load_config, type=click.Path(dir_okay=False),
+                 help="TOML file of settings (see config/ingest.example.toml)."),
+    _option("--host", "host", envvar="INGEST_HOST", default=_DEFAULTS.host, help="Address to listen on."),
+    _option("--port", "port", envvar="INGEST_PORT", type=int, default=_DEFAULTS.port,
+            help="Port to listen on (0: any free port)."),
+    _option("--db", "db_url", envvar="INGEST_DB_URL", default=_DEFAULTS.db_url,
+            help="sqlite:///file.db or postgresql+psycopg://user@host/db"),
+    _option("--consumers", "consumers", envvar="INGEST_CONSUMERS", type=int, default=_DEFAULTS.consumers,
+            help="Consumer threads writing batches."),
+    _option("--queue-size", "queue_size", envvar="INGEST_QUEUE_SIZE", type=int, default=_DEFAULTS.queue_size,
+            help="Buffer capacity, in messages."),
+    _option("--enqueue-timeout", "enqueue_timeout_s", envvar="INGEST_ENQUEUE_TIMEOUT", type=float,
+            default=_DEFAULTS.enqueue_timeout_s, help="Seconds a request waits for room before 503."),
+    _option("--batch-size", "batch_size", envvar="INGEST_BATCH_SIZE", type=int, default=_DEFAULTS.batch_size,
+            help="Most messages one transaction writes."),
+    _option("--batch-linger", "batch_linger_s", envvar="INGEST_BATCH_LINGER", type=float,
+            default=_DEFAULTS.batch_linger_s, help="Seconds a consumer waits to fill a batch."),
+    _option("--pool-size", "pool_size", envvar="INGEST_POOL_SIZE", type=int, default=_DEFAULTS.pool_size,
+            help="Database connections (a BoundedSemaphore)."),
+    _option("--drain-timeout", "drain_timeout_s", envvar="INGEST_DRAIN_TIMEOUT", type=float,
+            default=_DEFAULTS.drain_timeout_s, help="Seconds shutdown may spend draining the buffer."),
+    _option("--ack", "ack", envvar="INGEST_ACK", default=_DEFAULTS.ack,
+            help="Default acknowledgement: enqueue (202) or commit (201 after the commit)."),
+    _option("--max-body-bytes", "max_body_bytes", envvar="INGEST_MAX_BODY_BYTES", type=int,
+            default=_DEFAULTS.max_body_bytes, help="Largest request body, also after decompression."),
+    _option("--migrate/--no-migrate", "migrate", envvar="INGEST_MIGRATE", default=_DEFAULTS.migrate,
+            help="Upgrade the schema on start."),
+    _option("--log-level", "log_level", envvar="INGEST_LOG_LEVEL", default=_DEFAULTS.log_level,
+            help="debug, info, warning or error."),
+]
+
+
+def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(SETTINGS_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"ingest: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="ingest")
+def main() -> None:
+    """Bursts of pushed messages into SQLite or Postgres, without loss."""
+
+
+@main.command()
+@settings_options
+def serve(**values: Any) -> None:
+    """Run the service until SIGINT/SIGTERM, then drain and exit."""
+    from ingest.service import Service
+
+    settings = Settings.from_mapping(values)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
+    )
+    service = Service(settings)
+    service.shutdown.install_signal_handlers()
+    service.start()
+    sys.exit(service.run())
+
+
+@main.group()
+def config() -> None:
+    """Inspect settings."""
+
+
+@config.command("show")
+@settings_options
+def config_show(**values: Any) -> None:
+    """Print the effective settings (passwords masked) as TOML."""
+    for key, value in Settings.from_mapping(values).masked().items():
+        rendered = str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, str) else value
+        click.echo(f"{key} = {rendered}".replace("'", '"'))
+
+
+@main.group()
+def db() -> None:
+    """Manage the database schema."""
+
+
+@db.command("upgrade")
+@click.option("--db", "db_url", envvar="INGEST_DB_URL", show_envvar=True, default=_DEFAULTS.db_url,
+              show_default=True, help="Database to migrate.")
+def db_upgrade(db_url: str) -> None:
+    """Create or upgrade the tables (Alembic migrations)."""
+    Settings.from_mapping({"db_url": db_url})
+    try:
+        before, after = migrate.upgrade_url(db_url)
+    except SQLAlchemyError as exc:
+        _fail(f"cannot migrate {mask_url(db_url)}: {str(getattr(exc, 'orig', exc)).splitlines()[0]}", EXIT_FAILURE)
+    click.echo(f"{mask_url(db_url)}: {before or 'empty'} -> {after}")
+
+
+@main.command()
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="Service to push to.")
+@click.option("--count", type=int, default=10_000, show_default=True, help="Messages to send.")
+@click.option("--batch", type=int, default=100, show_default=True, help="Messages a request (NDJSON when > 1).")
+@click.option("--concurrency", type=int, default=16, show_default=True, help="Requests in flight.")
+@click.option("--rate", type=float, default=None, help="Messages a second (default: as fast as possible).")
+@click.option("--burst", type=int, default=0, show_default=True, help="Extra messages sent at once each second.")
+@click.option("--ack", type=click.Choice(["enqueue", "commit"]), default="enqueue", show_default=True)
+@click.option("--gzip/--no-gzip", "gzip", default=False, help="Compress request bodies.")
+def push(**values: Any) -> None:
+    """Push generated messages at a running service; exit 1 if any was not acknowledged."""
+    from ingest import push as pusher
+
+    options = pusher.PushOptions(**values)
+    progress = pusher.progress_bar(sys.stderr) if sys.stderr.isatty() else None
+    summary = pusher.run(options, progress=progress)
+    click.echo(summary.format())
+    if not summary.ok:
+        sys.exit(EXIT_FAILURE)
+
+
+@main.command()
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="Service to watch.")
+@click.option("--once", is_flag=True, help="Print one snapshot and exit.")
+@click.option("--interval", "interval_s", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+def top(url: str, once: bool, interval_s: float) -> None:
+    """A live view of a running service, read from its /metrics."""
+    from ingest import top as viewer
+
+    sys.exit(viewer.run(url=url, once=once, interval_s=interval_s, out=sys.stdout))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point: click in non-standalone mode, so every error becomes one line."""
+    try:
+        main.main(args=argv, prog_name="ingest", standalone_mode=False)
+    except click.exceptions.Abort:
+        return EXIT_FAILURE
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.UsageError as exc:
+        _fail(exc.format_message(), EXIT_USAGE)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except (StartupError, ClientError) as exc:
+        _fail(str(exc), EXIT_FAILURE)
+    except IngestError as exc:
+        _fail(str(exc), EXIT_FAILURE)
+    return 0
+
+
+def entry() -> NoReturn:
+    sys.exit(run())

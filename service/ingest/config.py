@@ -1,0 +1,116 @@
+"""Settings: the one place that knows option names, defaults and what a valid value is.
+
+Values arrive from four sources, lowest first: defaults < config file (TOML) < environment
+(`INGEST_*`) < command-line flags. click resolves the last three (cli.py); `Settings.from_mapping`
+validates the result once, so every stage downstream receives plain, checked values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from ingest.errors import ConfigError
+
+ACK_MODES = ("enqueue", "commit")
+SUPPORTED_DRIVERS = {"sqlite": ("", "pysqlite"), "postgresql": ("psycopg",)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every setting of `ingest serve`, validated. Durations are seconds (`_s`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    db_url: str = "sqlite:///ingest.db"
+    consumers: int = 4
+    queue_size: int = 10_000
+    enqueue_timeout_s: float = 1.0
+    batch_size: int = 500
+    batch_linger_s: float = 0.02
+    pool_size: int = 2
+    drain_timeout_s: float = 30.0
+    ack: str = "enqueue"
+    max_body_bytes: int = 1024 * 1024
+    migrate: bool = True
+    log_level: str = "info"
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> Settings:
+        """Build and validate; unknown keys and bad values raise ConfigError naming the key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        settings = cls(**{k: v for k, v in values.items() if v is not None})
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        _check_port(self.port)
+        for name in ("consumers", "queue_size", "batch_size", "pool_size", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("enqueue_timeout_s", "batch_linger_s", "drain_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.ack not in ACK_MODES:
+            raise ConfigError(f"ack must be one of {', '.join(ACK_MODES)}, got {self.ack!r}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+        check_db_url(self.db_url)
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as a dict with the database password hidden, for display."""
+        shown = dataclasses.asdict(self)
+        shown["db_url"] = mask_url(self.db_url)
+        return shown
+
+
+def _check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port must be between 0 and 65535, got {port}")
+
+
+def check_db_url(db_url: str) -> URL:
+    """Refuse URLs whose dialect or driver ingest does not ship, before anything connects."""
+    try:
+        url = make_url(db_url)
+    except ArgumentError:
+        raise ConfigError(f"db_url is not a database URL: {mask_url(db_url)!r}") from None
+    drivers = SUPPORTED_DRIVERS.get(url.get_backend_name())
+    if drivers is None or (url.drivername.partition("+")[2] not in drivers):
+        raise ConfigError(
+            f"db_url scheme {url.drivername!r} is not supported; "
+            "use sqlite:///path.db or postgresql+psycopg://user@host/db"
+        )
+    return url
+
+
+def mask_url(db_url: str) -> str:
+    try:
+        return make_url(db_url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable url>"
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config file into setting names; every key must be a known setting."""
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting(s): {', '.join(unknown)}")
+    return data

@@ -1,0 +1,110 @@
+"""Consumer threads: take a batch from the buffer, write it, tell waiting clients.
+
+Error policy, in two levels (the seed's question, answered here):
+1. Expected errors are handled inside `step()` by the store: retried or dead-lettered.
+2. Anything else is logged with the thread name, the batch goes back to the head of the
+   buffer, and the exception is re-raised so the thread dies loudly; the excepthook counts it
+   and the supervisor starts a replacement.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ingest.buffer import Buffer
+from ingest.errors import IngestError, TransientStoreError
+from ingest.messages import Message, settle_failed, settle_stored
+from ingest.metrics import Metrics
+from ingest.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class ConsumerThread(threading.Thread):
+    """One writer. Non-daemon: it may hold a batch that is not yet in the database."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        buffer: Buffer,
+        store: Store,
+        metrics: Metrics,
+        batch_size: int,
+        linger_s: float,
+        hard_stop: threading.Event,
+        startup: threading.Barrier | None = None,
+        idle_wait_s: float = 0.5,
+    ) -> None:
+        super().__init__(name=name, daemon=False)
+        self._buffer = buffer
+        self._store = store
+        self._metrics = metrics
+        self._batch_size = batch_size
+        self._linger_s = linger_s
+        self._hard_stop = hard_stop
+        self._startup = startup
+        self._idle_wait_s = idle_wait_s
+        self.startup_error: str | None = None
+        self.finished = False  # True when run() returned on purpose, not by dying
+        self._held: list[Message] = []
+
+    def __repr__(self) -> str:
+        return f"ConsumerThread({self.name}, alive={self.is_alive()}, holding={len(self._held)})"
+
+    def run(self) -> None:
+        if self._startup is None or self._prepare(self._startup):
+            while not self._hard_stop.is_set():
+                if not self.step() and self._buffer.drained():
+                    break
+        self.finished = True
+
+    def _prepare(self, startup: threading.Barrier) -> bool:
+        """Check the database, then meet the main thread; a failure aborts the start."""
+        try:
+            self._store.check()
+        except IngestError as exc:
+            self.startup_error = str(exc)
+            log.error("%s cannot start: %s", self.name, exc)
+            startup.abort()
+            return False
+        try:
+            startup.wait()
+        except threading.BrokenBarrierError:
+            return False  # another party failed; the main thread reports why
+        return True
+
+    def step(self) -> bool:
+        """Take and write one batch; False when there was nothing to take."""
+        batch = self._buffer.take(self._batch_size, self._linger_s, self._idle_wait_s)
+        if not batch:
+            return False
+        self._held = batch
+        try:
+            self._write(batch)
+        except TransientStoreError as exc:
+            # Only the drain deadline ends retries: these messages cannot be stored now.
+            self._metrics.lost.inc(len(batch))
+            log.error("%s: %d message(s) not stored at the drain deadline: %s", self.name, len(batch), exc)
+            settle_failed(batch, str(exc))
+        except BaseException:
+            log.exception("%s died holding %d message(s); handing them back", self.name, len(batch))
+            self._buffer.requeue(batch)
+            raise
+        finally:
+            self._held = []
+        return True
+
+    def _write(self, batch: list[Message]) -> None:
+        self._metrics.batch_size.observe(len(batch))
+        result = self._store.write(batch)
+        committed = time.time()
+        observe = self._metrics.message_latency.observe
+        for message in result.stored:
+            observe(committed - message.received_at)
+        self._metrics.stored.inc(len(result.stored))
+        settle_stored(result.stored)
+        for message, error in result.dead:
+            settle_failed([message], f"refused by the database: {error}")

@@ -1,0 +1,95 @@
+"""The one exception hierarchy of ingest.
+
+    IngestError
+    ├── ConfigError                 bad setting: exit code 2, one line
+    ├── Rejected                    the client sent something we will not take (4xx)
+    │   ├── Invalid                 400: malformed JSON, a non-object message
+    │   ├── TooLarge                413: body over max_body_bytes (after decompression too)
+    │   └── Unsupported             415: content type or encoding we do not read
+    ├── Backpressure                the service cannot take it now (503 + Retry-After)
+    │   ├── QueueFull               no room in the buffer within enqueue_timeout
+    │   └── ShuttingDown            the service is draining
+    ├── StoreError                  a batch could not be written
+    │   ├── TransientStoreError     retry: connection lost, serialization failure, locked
+    │   └── PermanentStoreError     the database refuses the data: isolate and dead-letter
+    ├── StartupError                the service could not start (bind, database, schema)
+    └── ClientError                 `ingest push` / `ingest top` could not reach or use a service
+
+Driver errors are mapped into StoreError at one boundary (store.py), by class, never by text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class IngestError(Exception):
+    """Base of every error ingest raises on purpose."""
+
+
+class ConfigError(IngestError):
+    """A setting has a value ingest cannot use."""
+
+
+class Rejected(IngestError):
+    """The request is refused for what it contains; `reason` is the metric label."""
+
+    status = 400
+    reason = "invalid"
+
+    def __init__(self, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class Invalid(Rejected):
+    status = 400
+    reason = "invalid"
+
+
+class TooLarge(Rejected):
+    status = 413
+    reason = "too_large"
+
+
+class Unsupported(Rejected):
+    status = 415
+    reason = "unsupported"
+
+
+class Backpressure(IngestError):
+    """The service cannot take the request now; the client should retry after `retry_after_s`."""
+
+    reason = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(Backpressure):
+    reason = "queue_full"
+
+
+class ShuttingDown(Backpressure):
+    reason = "shutting_down"
+
+
+class StoreError(IngestError):
+    """A batch could not be written."""
+
+
+class TransientStoreError(StoreError):
+    """Worth retrying: the database may accept the same batch later."""
+
+
+class PermanentStoreError(StoreError):
+    """The database refuses the data itself; retrying cannot help."""
+
+
+class StartupError(IngestError):
+    """The service could not start; the message says what to fix."""
+
+
+class ClientError(IngestError):
+    """A client command could not reach or use a service."""

@@ -1,0 +1,71 @@
+"""The listener thread: an aiohttp server on an asyncio loop of its own (the producer).
+
+The thread publishes its bound port, or the error that kept it from binding, on `started`, so
+the main thread turns "address in use" into a one-line error instead of a dead thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import Future
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+
+class ListenerThread(threading.Thread):
+    def __init__(self, app: web.Application, host: str, port: int, shutdown_timeout_s: float) -> None:
+        # Non-daemon: its handlers may still be answering clients whose messages are committing.
+        super().__init__(name="listener", daemon=False)
+        self._app = app
+        self._host = host
+        self._port = port
+        self._shutdown_timeout_s = shutdown_timeout_s
+        self.started: Future[int] = Future()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"ListenerThread({self._host}:{self._port}, alive={self.is_alive()})"
+
+    def run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        # No access log: at thousands of requests a second it would cost more than the work.
+        runner = web.AppRunner(self._app, handle_signals=False, access_log=None, auto_decompress=False)
+        try:
+            await runner.setup()
+            site = web.TCPSite(runner, self._host, self._port, shutdown_timeout=self._shutdown_timeout_s)
+            await site.start()
+        except BaseException as exc:
+            self.started.set_exception(exc)
+            await runner.cleanup()
+            return
+        self.started.set_result(_bound_port(runner))
+        try:
+            await self._stop_event.wait()
+        finally:
+            # Graceful: stop accepting, let in-flight handlers (clients awaiting commits) finish.
+            await runner.cleanup()
+
+    def stop(self) -> None:
+        """Ask the loop to finish; safe from any thread."""
+        loop, stop = self._loop, self._stop_event
+        if loop is not None and stop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:
+                pass  # the loop closed between the check and the call: already stopping
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    raise RuntimeError("listener bound no TCP address")

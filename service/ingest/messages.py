@@ -1,0 +1,94 @@
+"""What travels through the buffer: a message, and the acknowledgement a client may wait on."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+from ingest.errors import StoreError
+
+
+class WriteFailed(StoreError):
+    """Some messages of an ack=commit request were not stored; the client gets a 5xx."""
+
+    def __init__(self, message: str, stored: int, failed: int) -> None:
+        super().__init__(message)
+        self.stored = stored
+        self.failed = failed
+
+
+class Ack:
+    """Counts down a request's messages; settles one Future when the last is accounted for.
+
+    Created only for ack=commit requests, whose handler awaits `future`: every future has
+    exactly one reader. The future is marked running at once so a disconnecting client cannot
+    cancel it under a consumer that is about to settle it.
+    """
+
+    __slots__ = ("future", "_lock", "_pending", "_stored", "_failed", "_first_error")
+
+    def __init__(self, count: int) -> None:
+        self.future: Future[int] = Future()
+        self.future.set_running_or_notify_cancel()
+        self._lock = threading.Lock()  # consumers settle parts of one request concurrently
+        self._pending = count
+        self._stored = 0
+        self._failed = 0
+        self._first_error = ""
+
+    def stored(self, count: int) -> None:
+        self._settle(stored=count, failed=0, error="")
+
+    def failed(self, count: int, error: str) -> None:
+        self._settle(stored=0, failed=count, error=error)
+
+    def _settle(self, *, stored: int, failed: int, error: str) -> None:
+        with self._lock:
+            self._stored += stored
+            self._failed += failed
+            if error and not self._first_error:
+                self._first_error = error
+            self._pending -= stored + failed
+            done = self._pending == 0
+        if not done:
+            return
+        if self._failed:
+            self.future.set_exception(
+                WriteFailed(self._first_error, stored=self._stored, failed=self._failed)
+            )
+        else:
+            self.future.set_result(self._stored)
+
+
+class Message:
+    """One accepted JSON object; `received_at` is epoch seconds at the listener."""
+
+    __slots__ = ("payload", "received_at", "ack")
+
+    def __init__(self, payload: dict[str, Any], received_at: float, ack: Ack | None = None) -> None:
+        self.payload = payload
+        self.received_at = received_at
+        self.ack = ack
+
+    def __repr__(self) -> str:
+        return f"Message(received_at={self.received_at:.6f}, ack={self.ack is not None})"
+
+
+def settle_stored(batch: list[Message]) -> None:
+    """Tell every waiting client how many of its messages this commit stored."""
+    for ack, count in _count_by_ack(batch).items():
+        ack.stored(count)
+
+
+def settle_failed(batch: list[Message], error: str) -> None:
+    for ack, count in _count_by_ack(batch).items():
+        ack.failed(count, error)
+
+
+def _count_by_ack(batch: list[Message]) -> dict[Ack, int]:
+    counts: dict[Ack, int] = {}
+    for message in batch:
+        if message.ack is not None:
+            counts[message.ack] = counts.get(message.ack, 0) + 1
+    return counts

@@ -1,0 +1,51 @@
+"""Programmatic Alembic: the one path both `ingest db upgrade` and `ingest serve` use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
+
+import ingest.migrations
+
+
+def _config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(Path(ingest.migrations.__file__).parent))
+    return config
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to `revision` in the engine's database, one transaction a migration."""
+    config = _config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+
+def head() -> str:
+    revision = ScriptDirectory.from_config(_config()).get_current_head()
+    assert revision is not None
+    return revision
+
+
+def current(engine: Engine) -> str | None:
+    """The revision the database is at, or None for a database never migrated."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade_url(url: str) -> tuple[str | None, str]:
+    """`ingest db upgrade`: migrate the database at `url`; returns (before, after) revisions."""
+    engine = create_engine(url)
+    try:
+        before = current(engine)
+        upgrade(engine)
+        return before, head()
+    finally:
+        engine.dispose()

@@ -1,0 +1,86 @@
+"""Database connections, at most `size` at a time, behind a BoundedSemaphore.
+
+SQLAlchemy's pool (pool_size=size, max_overflow=0) would also cap connections, but it hides the
+wait. The semaphore makes the cap a visible part of the pipeline: consumers beyond the pool size
+block on `acquire()`, and `waiting` / `in_use` (kept under a Lock) become metrics.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Connection, Engine
+
+
+class ConnectionPool:
+    def __init__(self, url: str, size: int, *, sqlite_busy_timeout_s: float = 1.0) -> None:
+        self.size = size
+        self.dialect = url.split(":", 1)[0].split("+", 1)[0]
+        self._semaphore = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self._in_use = 0
+        self._waiting = 0
+        self.engine: Engine = create_engine(
+            url, pool_size=size, max_overflow=0, pool_pre_ping=True, pool_timeout=30
+        )
+        if self.dialect == "sqlite":
+            _configure_sqlite(self.engine, sqlite_busy_timeout_s)
+
+    def __repr__(self) -> str:
+        return f"ConnectionPool({self.dialect}, size={self.size}, in_use={self._in_use}, waiting={self._waiting})"
+
+    @property
+    def in_use(self) -> int:
+        with self._lock:
+            return self._in_use
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return self._waiting
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A connection for the duration of the block; blocks while `size` are in use."""
+        with self._lock:
+            self._waiting += 1
+        try:
+            self._semaphore.acquire()
+        finally:
+            with self._lock:
+                self._waiting -= 1
+        try:
+            with self._lock:
+                self._in_use += 1
+            with self.engine.connect() as conn:
+                yield conn
+        finally:
+            with self._lock:
+                self._in_use -= 1
+            self._semaphore.release()
+
+    def ping(self) -> None:
+        """Raise if the database cannot be reached now."""
+        with self.connection() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
+    """WAL lets readers run beside the writer; busy_timeout turns lock contention into a wait."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        assert isinstance(dbapi_connection, sqlite3.Connection)
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cursor.close()

@@ -1,0 +1,142 @@
+"""The HTTP API: handlers and the error → status table. Runs on the listener's event loop.
+
+Nothing here blocks the loop: a put that must wait for room runs on a small executor, and a
+client waiting for its commit awaits the Ack's future through `asyncio.wrap_future`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from ingest.buffer import Buffer
+from ingest.decoding import decode, decompress
+from ingest.errors import Backpressure, Rejected, ShuttingDown, TooLarge
+from ingest.messages import Ack, Message, WriteFailed
+from ingest.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteConfig:
+    buffer: Buffer
+    metrics: Metrics
+    executor: Executor
+    enqueue_timeout_s: float
+    max_body_bytes: int
+    default_ack: str
+    is_stopping: Callable[[], bool]
+    is_healthy: Callable[[], bool]
+    is_ready: Callable[[], bool]
+
+
+CONFIG = web.AppKey("config", RouteConfig)
+
+
+def make_app(config: RouteConfig) -> web.Application:
+    # client_max_size bounds the raw body; decompress() bounds it again after inflating.
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_to_json])
+    app[CONFIG] = config
+    app.router.add_post("/messages", post_messages)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", make_aiohttp_handler(config.metrics.registry))
+    return app
+
+
+def error_response(status: int, error: str, detail: Any = None, retry_after_s: float | None = None) -> web.Response:
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
+    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
+
+
+@web.middleware
+async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one table from errors to status codes; also counts every response by code."""
+    metrics = request.app[CONFIG].metrics
+    try:
+        response = await handler(request)
+    except Rejected as exc:
+        metrics.rejected.labels(exc.reason).inc()
+        response = error_response(exc.status, str(exc), exc.detail)
+    except Backpressure as exc:
+        response = error_response(503, str(exc), retry_after_s=exc.retry_after_s)
+    except WriteFailed as exc:
+        response = error_response(
+            500, f"write failed: {exc}", {"stored": exc.stored, "failed": exc.failed}
+        )
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG].max_body_bytes
+        metrics.rejected.labels("too_large").inc()
+        response = error_response(413, f"body is over {limit} bytes", {"limit": limit})
+    except web.HTTPException as exc:
+        response = error_response(exc.status, exc.reason)
+    except Exception:
+        log.exception("handler for %s %s failed", request.method, request.path)
+        response = error_response(500, "internal error; see the service log")
+    metrics.http_requests.labels(str(response.status)).inc()
+    return response
+
+
+async def post_messages(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    ack_mode = request.query.get("ack", config.default_ack)
+    if ack_mode not in ("enqueue", "commit"):
+        raise web.HTTPBadRequest(reason=f"ack must be enqueue or commit, not {ack_mode!r}")
+    if config.is_stopping():
+        config.metrics.rejected.labels("shutting_down").inc()
+        raise ShuttingDown("service is shutting down")
+    raw = await _read_body(request, config.max_body_bytes)
+    payloads = decode(
+        decompress(raw, request.headers.get("Content-Encoding", ""), config.max_body_bytes),
+        request.headers.get("Content-Type", ""),
+    )
+    ack = Ack(len(payloads)) if ack_mode == "commit" else None
+    received_at = time.time()
+    batch = [Message(payload, received_at, ack) for payload in payloads]
+    await _enqueue(config, batch)
+    config.metrics.received.inc(len(batch))
+    if ack is None:
+        return web.json_response({"accepted": len(batch)}, status=202)
+    stored = await asyncio.wrap_future(ack.future)
+    return web.json_response({"stored": stored}, status=201)
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"body is over {limit} bytes", {"limit": limit})
+    return await request.read()
+
+
+async def _enqueue(config: RouteConfig, batch: list[Message]) -> None:
+    """Put without waiting when there is room; otherwise wait on the executor, not the loop."""
+    try:
+        if config.buffer.try_put_all(batch):
+            return
+        deadline = time.monotonic() + config.enqueue_timeout_s
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(config.executor, config.buffer.put_all, batch, deadline)
+    except Backpressure as exc:
+        config.metrics.rejected.labels(exc.reason).inc(len(batch))
+        raise
+
+
+async def healthz(request: web.Request) -> web.Response:
+    healthy = request.app[CONFIG].is_healthy()
+    return web.json_response({"healthy": healthy}, status=200 if healthy else 503)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready = request.app[CONFIG].is_ready()
+    return web.json_response({"ready": ready}, status=200 if ready else 503)

@@ -1,0 +1,242 @@
+"""The Service: builds every stage from Settings, wires them, starts and stops them in order.
+
+Start: migrate → consumers check the database and meet at a Barrier → listener binds → ready.
+Run:   the main thread waits on the `stopping` Event and, between waits, replaces dead threads.
+Stop:  refuse new requests (503) → close the buffer → consumers drain and commit (bounded by
+       the drain deadline) → listener finishes in-flight responses → pool closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+
+from ingest import migrate
+from ingest.buffer import Buffer
+from ingest.config import Settings
+from ingest.consumers import ConsumerThread
+from ingest.errors import StartupError
+from ingest.listener import ListenerThread
+from ingest.messages import settle_failed
+from ingest.metrics import Metrics
+from ingest.pool import ConnectionPool
+from ingest.routes import RouteConfig, make_app
+from ingest.shutdown import Shutdown
+from ingest.store import Store
+from ingest.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_DRAIN_TIMEOUT = 3  # the drain deadline passed: some accepted messages were not stored
+EXIT_LISTENER_DIED = 4
+
+STARTUP_TIMEOUT_S = 30.0
+CHECK_INTERVAL_S = 0.5
+PROBE_INTERVAL_S = 5.0
+
+
+class Service:
+    def __init__(self, settings: Settings, shutdown: Shutdown | None = None) -> None:
+        self.settings = settings
+        self.shutdown = shutdown or Shutdown()
+        self._consumer_names = [f"consumer-{n}" for n in range(1, settings.consumers + 1)]
+        self.metrics = Metrics(self._consumer_names)
+        self.buffer = Buffer(settings.queue_size)
+        self.pool = ConnectionPool(settings.db_url, settings.pool_size)
+        self.store = Store(self.pool, self.metrics, self.shutdown.hard_stop)
+        self.supervisor = Supervisor(
+            self._make_consumer,
+            self.metrics.thread_errors,
+            self.metrics.consumer_restarts,
+            {"listener", *self._consumer_names},
+        )
+        self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="enqueue")
+        self.listener = ListenerThread(
+            make_app(self._route_config()), settings.host, settings.port,
+            shutdown_timeout_s=settings.drain_timeout_s,
+        )
+        self.port: int | None = None
+        self._ready = threading.Event()
+        self._stopped = False
+        self._wire_gauges()
+
+    def __repr__(self) -> str:
+        return f"Service(port={self.port}, ready={self._ready.is_set()}, {self.buffer!r}, {self.supervisor!r})"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}"
+
+    def _route_config(self) -> RouteConfig:
+        return RouteConfig(
+            buffer=self.buffer,
+            metrics=self.metrics,
+            executor=self._executor,
+            enqueue_timeout_s=self.settings.enqueue_timeout_s,
+            max_body_bytes=self.settings.max_body_bytes,
+            default_ack=self.settings.ack,
+            is_stopping=self.shutdown.stopping.is_set,
+            is_healthy=self.healthy,
+            is_ready=self.ready,
+        )
+
+    def _wire_gauges(self) -> None:
+        m = self.metrics
+        m.queue_depth.set_function(self.buffer.depth)
+        m.queue_capacity.set(self.settings.queue_size)
+        m.pool_size.set(self.settings.pool_size)
+        m.pool_in_use.set_function(lambda: self.pool.in_use)
+        m.pool_waiting.set_function(lambda: self.pool.waiting)
+        m.consumers_alive.set_function(self.supervisor.alive)
+        m.consumers_configured.set(self.settings.consumers)
+
+    def _make_consumer(self, name: str, startup: threading.Barrier | None = None) -> ConsumerThread:
+        return ConsumerThread(
+            name,
+            buffer=self.buffer,
+            store=self.store,
+            metrics=self.metrics,
+            batch_size=self.settings.batch_size,
+            linger_s=self.settings.batch_linger_s,
+            hard_stop=self.shutdown.hard_stop,
+            startup=startup,
+        )
+
+    def healthy(self) -> bool:
+        return self.listener.is_alive() and self.supervisor.alive() == self.settings.consumers
+
+    def ready(self) -> bool:
+        return self._ready.is_set() and not self.shutdown.stopping.is_set() and self.store.reachable
+
+    # -- start -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Return once the whole pipeline works and the port is bound; StartupError otherwise."""
+        self.supervisor.install()
+        try:
+            self._migrate()
+            self._start_consumers()
+            self._start_listener()
+        except BaseException:
+            self.stop()
+            raise
+        self._ready.set()
+        log.info("ingest ready on %s (%s, %d consumers)", self.url, self.pool.dialect, self.settings.consumers)
+
+    def _migrate(self) -> None:
+        if not self.settings.migrate:
+            return
+        try:
+            migrate.upgrade(self.pool.engine)
+        except Exception as exc:
+            raise StartupError(f"cannot migrate the database: {str(exc).splitlines()[0]}") from exc
+
+    def _start_consumers(self) -> None:
+        startup = threading.Barrier(self.settings.consumers + 1)
+        consumers = [self._make_consumer(name, startup) for name in self._consumer_names]
+        self.supervisor.adopt(consumers)
+        for consumer in consumers:
+            consumer.start()
+        try:
+            startup.wait(STARTUP_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            errors = {c.startup_error for c in consumers if c.startup_error}
+            raise StartupError("; ".join(sorted(errors)) or "consumers did not start in time") from None
+
+    def _start_listener(self) -> None:
+        self.listener.start()
+        try:
+            self.port = self.listener.started.result(STARTUP_TIMEOUT_S)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror or exc}"
+            ) from None
+
+    # -- run ---------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """The main thread's loop until `stopping`; then stop. Returns the exit code."""
+        last_probe = time.monotonic()
+        while not self.shutdown.stopping.wait(CHECK_INTERVAL_S):
+            if not self.listener.is_alive():
+                log.critical("the listener thread died; shutting down")
+                self.shutdown.stopping.set()
+                self.stop()
+                return EXIT_LISTENER_DIED
+            self.supervisor.check()
+            if time.monotonic() - last_probe >= PROBE_INTERVAL_S:
+                self._probe_database()
+                last_probe = time.monotonic()
+        return self.stop()
+
+    def _probe_database(self) -> None:
+        """Keep /readyz honest while idle: no write would notice the database going away."""
+        if self.pool.in_use:
+            return  # consumers are writing; their results already update `reachable`
+        try:
+            self.pool.ping()
+            self.store.reachable = True
+        except Exception as exc:
+            self.store.reachable = False
+            log.warning("database unreachable: %s", str(exc).splitlines()[0])
+
+    # -- stop --------------------------------------------------------------------------------
+
+    def stop(self) -> int:
+        """Drain and stop every thread, upstream first; idempotent. Returns the exit code."""
+        if self._stopped:
+            return EXIT_OK
+        self._stopped = True
+        self.shutdown.stopping.set()  # new requests get 503 from here on
+        self.buffer.close()  # puts still waiting for room fail with 503; nothing new gets in
+        self.shutdown.start_deadline(self.settings.drain_timeout_s)
+        code = EXIT_OK
+        try:
+            self._join_consumers()
+            lost = self._abandon_leftovers()
+            code = EXIT_DRAIN_TIMEOUT if lost or self.shutdown.hard_stop.is_set() else EXIT_OK
+            self._stop_listener()
+        finally:
+            self.shutdown.cancel_deadline()
+            self._executor.shutdown(wait=True)
+            self.pool.dispose()
+            self.supervisor.uninstall()
+        log.info("ingest stopped (exit code %d)", code)
+        return code
+
+    def _join_consumers(self) -> None:
+        # A consumer that dies while draining hands its batch back; its replacement drains it.
+        while True:
+            if not self.shutdown.hard_stop.is_set():
+                self.supervisor.check()
+            pending = [c for c in self.supervisor.consumers() if c.is_alive()]
+            if not pending:
+                return
+            pending[0].join(CHECK_INTERVAL_S)
+
+    def _abandon_leftovers(self) -> int:
+        leftovers = self.buffer.take_all()
+        if leftovers:
+            self.metrics.lost.inc(len(leftovers))
+            settle_failed(leftovers, "drain deadline passed before this message was stored")
+            log.error("%d accepted message(s) were not stored: the drain deadline passed", len(leftovers))
+        return len(leftovers)
+
+    def _stop_listener(self) -> None:
+        if self.listener.ident is None:
+            return
+        self.listener.stop()
+        self.listener.join()
+
+    def __enter__(self) -> Service:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

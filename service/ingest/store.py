@@ -1,0 +1,201 @@
+"""Writing batches: one transaction a batch, errors classified by class, nothing dropped.
+
+- Transient errors (connection lost, serialization failure, database locked) are retried with
+  capped exponential backoff and full jitter, for as long as it takes, until the drain deadline.
+- Permanent errors (the database refuses some message) are isolated by splitting the batch in
+  halves; the refused messages go to `dead_letters` with their error, the rest are stored.
+- Anything else is not ours to judge: it propagates to the consumer's error policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import insert, inspect
+from sqlalchemy.engine import Connection
+
+from ingest.errors import PermanentStoreError, StartupError, TransientStoreError
+from ingest.messages import Message
+from ingest.metrics import Metrics
+from ingest.pool import ConnectionPool
+from ingest.tables import dead_letters, messages
+
+log = logging.getLogger(__name__)
+
+_PERMANENT = (psycopg.DataError, psycopg.IntegrityError, sqlite3.DataError, sqlite3.IntegrityError)
+_TRANSIENT = (
+    psycopg.OperationalError,  # connection lost, admin shutdown, serialization failure, deadlock
+    psycopg.InterfaceError,  # the connection is closed
+    sqlite3.OperationalError,  # database is locked, disk I/O error
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,  # SQLAlchemy's pool could not hand out a connection in time
+)
+
+
+def classify(exc: BaseException) -> type[TransientStoreError] | type[PermanentStoreError] | None:
+    """Map a driver error to transient or permanent by its class; None if it is not a DB error."""
+    original = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return TransientStoreError
+    if isinstance(original, _PERMANENT):
+        return PermanentStoreError
+    if isinstance(original, _TRANSIENT) or isinstance(exc, _TRANSIENT):
+        return TransientStoreError
+    if isinstance(original, psycopg.Error | sqlite3.Error) or isinstance(exc, sa_exc.DBAPIError):
+        # A database error of no known kind (a missing table, a full disk): retrying keeps the
+        # data safe while someone fixes the database; dead-lettering would blame the message.
+        return TransientStoreError
+    return None
+
+
+@dataclass
+class WriteResult:
+    stored: list[Message] = field(default_factory=list)
+    dead: list[tuple[Message, str]] = field(default_factory=list)
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter: delay = uniform(0, min(cap, base * 2**n))."""
+
+    def __init__(self, base_s: float = 0.05, cap_s: float = 5.0) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+
+    def delay_s(self, attempt: int) -> float:
+        return random.uniform(0, min(self.cap_s, self.base_s * 2 ** min(attempt, 30)))
+
+
+class Store:
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        metrics: Metrics,
+        hard_stop: threading.Event,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self._pool = pool
+        self._metrics = metrics
+        self._hard_stop = hard_stop
+        self._backoff = backoff or Backoff()
+        self._insert: Callable[[Connection, list[Message]], None] = (
+            _copy_messages if pool.dialect == "postgresql" else _insert_messages
+        )
+        self.reachable = True  # last word from the database; read by /readyz
+
+    def check(self) -> None:
+        """Connect and find the tables; a consumer calls this before the service opens."""
+        try:
+            with self._pool.connection() as conn:
+                missing = {messages.name, dead_letters.name} - set(inspect(conn).get_table_names())
+        except sa_exc.SQLAlchemyError as exc:
+            raise StartupError(f"cannot connect to the database: {_first_line(exc)}") from None
+        if missing:
+            raise StartupError(
+                f"table(s) {', '.join(sorted(missing))} missing: run `ingest db upgrade` "
+                "or start without --no-migrate"
+            )
+
+    def write(self, batch: list[Message]) -> WriteResult:
+        """Store the batch; refused messages come back in `dead` after being dead-lettered.
+
+        Raises TransientStoreError only when the drain deadline stops the retries.
+        """
+        result = WriteResult()
+        self._write_isolating(batch, result)
+        return result
+
+    def _write_isolating(self, batch: list[Message], result: WriteResult) -> None:
+        try:
+            self._retrying(self._insert, batch)
+        except PermanentStoreError as exc:
+            if len(batch) == 1:
+                self._dead_letter(batch[0], str(exc))
+                result.dead.append((batch[0], str(exc)))
+                return
+            middle = len(batch) // 2
+            self._write_isolating(batch[:middle], result)
+            self._write_isolating(batch[middle:], result)
+            return
+        result.stored.extend(batch)
+
+    def _retrying(self, insert_fn: Callable[[Connection, list[Message]], None], batch: list[Message]) -> None:
+        attempt = 0
+        while True:
+            try:
+                started = time.perf_counter()
+                with self._pool.connection() as conn, conn.begin():
+                    insert_fn(conn, batch)
+                self._metrics.db_write_seconds.observe(time.perf_counter() - started)
+                self.reachable = True
+                return
+            except Exception as exc:
+                kind = classify(exc)
+                if kind is None:
+                    raise
+                if kind is PermanentStoreError:
+                    raise PermanentStoreError(_first_line(exc)) from exc
+                self.reachable = False
+                delay = self._backoff.delay_s(attempt)
+                attempt += 1
+                self._metrics.db_retries.inc()
+                log.warning(
+                    "write of %d message(s) failed (attempt %d), retrying in %.2fs: %s",
+                    len(batch), attempt, delay, _first_line(exc),
+                )
+                if self._hard_stop.wait(delay):
+                    raise TransientStoreError(f"drain deadline passed while retrying: {_first_line(exc)}") from exc
+
+    def _dead_letter(self, message: Message, error: str) -> None:
+        def insert_dead(conn: Connection, batch: list[Message]) -> None:
+            conn.execute(
+                insert(dead_letters),
+                [{"received_at": _utc(m.received_at), "payload": json.dumps(m.payload), "error": error}
+                 for m in batch],
+            )
+
+        self._retrying(insert_dead, [message])
+        self._metrics.dead_lettered.inc()
+        log.error("message dead-lettered: %s", error)
+
+
+def _utc(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
+def _insert_messages(conn: Connection, batch: list[Message]) -> None:
+    """SQLite: one executemany through SQLAlchemy Core."""
+    conn.execute(
+        insert(messages),
+        [{"received_at": _utc(m.received_at), "payload": m.payload} for m in batch],
+    )
+
+
+def _copy_messages(conn: Connection, batch: list[Message]) -> None:
+    """Postgres: COPY in text format, the fastest bulk path measured (see bench/)."""
+    raw: Any = conn.connection.driver_connection
+    lines = []
+    stamp_of: dict[float, str] = {}  # a request's messages share one received_at
+    for m in batch:
+        stamp = stamp_of.get(m.received_at)
+        if stamp is None:
+            stamp = stamp_of[m.received_at] = _utc(m.received_at).isoformat()
+        # ensure_ascii keeps tabs and newlines escaped; COPY text format needs backslashes doubled.
+        lines.append(f"{stamp}\t{json.dumps(m.payload).replace(chr(92), chr(92) * 2)}\n")
+    with raw.cursor() as cursor, cursor.copy("COPY messages (received_at, payload) FROM STDIN") as copy:
+        copy.write("".join(lines))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
