@@ -38,10 +38,16 @@ class ListenerThread(threading.Thread):
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         # No access log: at thousands of requests a second it would cost more than the work.
-        runner = web.AppRunner(self._app, handle_signals=False, access_log=None, auto_decompress=False)
+        runner = web.AppRunner(
+            self._app,
+            handle_signals=False,
+            access_log=None,
+            auto_decompress=False,  # routes.py inflates, with a limit on the inflated size
+            shutdown_timeout=self._shutdown_timeout_s,
+        )
         try:
             await runner.setup()
-            site = web.TCPSite(runner, self._host, self._port, shutdown_timeout=self._shutdown_timeout_s)
+            site = web.TCPSite(runner, self._host, self._port)
             await site.start()
         except BaseException as exc:
             self.started.set_exception(exc)

@@ -197,5 +197,7 @@ def _copy_messages(conn: Connection, batch: list[Message]) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The driver's error class and the first line of its message: enough to act on."""
+    original = getattr(exc, "orig", None) or exc
+    text = str(original).strip()
+    return f"{type(original).__name__}: {text.splitlines()[0] if text else '(no message)'}"

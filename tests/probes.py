@@ -1,0 +1,19 @@
+"""Reading what a service did: rows in its database, samples in its registry."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from ingest.service import Service
+
+
+def count_rows(engine: Engine, table: str = "messages") -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+def metric(service: Service, name: str, labels: dict[str, str] | None = None) -> float:
+    value = service.metrics.registry.get_sample_value(name, labels or {})
+    assert value is not None, f"no sample {name}{labels or ''}"
+    return value

@@ -1,0 +1,100 @@
+"""Every input format and every error status, over real HTTP on loopback."""
+
+import gzip
+import json
+
+import pytest
+from httpclient import post_json, post_ndjson, request
+from probes import count_rows, metric
+from waiting import wait_until
+
+
+def test_single_object_array_and_ndjson_are_stored(make_service, make_engine, sqlite_url) -> None:
+    service = make_service()
+    assert post_json(service.url, {"sensor": "a", "v": 1}).json() == {"accepted": 1}
+    reply = post_json(service.url, [{"n": 1}, {"n": 2}])
+    assert (reply.status, reply.json()) == (202, {"accepted": 2})
+    reply = post_ndjson(service.url, [{"n": 3}, {"n": 4}, {"n": 5}])
+    assert (reply.status, reply.json()) == (202, {"accepted": 3})
+    reply = post_json(service.url, [{"n": 6}], compress=True)
+    assert (reply.status, reply.json()) == (202, {"accepted": 1})
+    engine = make_engine(sqlite_url)
+    wait_until(lambda: count_rows(engine) == 7, what="7 rows stored")
+    assert metric(service, "ingest_messages_received_total") == 7
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "reason", "fragment"),
+    [
+        (b'{"a": ', {"Content-Type": "application/json"}, 400, "invalid", "malformed JSON"),
+        (b'[{"a": 1}, 2]', {"Content-Type": "application/json"}, 400, "invalid", "index 1"),
+        (b'{"a": 1}\n7\n', {"Content-Type": "application/x-ndjson"}, 400, "invalid", "line 2"),
+        (b'{"a": 1}', {"Content-Type": "text/plain"}, 415, "unsupported", "text/plain"),
+        (b'{"a": 1}', {"Content-Type": "application/json", "Content-Encoding": "br"}, 415, "unsupported", "br"),
+        (b"x" * 2000, {"Content-Type": "application/json"}, 413, "too_large", "1000 bytes"),
+        (gzip.compress(b" " * 5000), {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+         413, "too_large", "decompressed"),
+    ],
+)
+def test_error_statuses(make_service, body, headers, status, reason, fragment) -> None:
+    service = make_service(max_body_bytes=1000)
+    reply = request(f"{service.url}/messages", "POST", body, headers)
+    assert reply.status == status
+    error = reply.json()
+    assert fragment in error["error"] and "detail" in error
+    assert metric(service, "ingest_messages_rejected_total", {"reason": reason}) == 1
+    assert metric(service, "ingest_http_requests_total", {"code": str(status)}) == 1
+    assert metric(service, "ingest_messages_received_total") == 0
+
+
+def test_chunked_body_over_the_limit_is_413(make_service) -> None:
+    service = make_service(max_body_bytes=1000)
+
+    def chunks():
+        yield b"[" + b" " * 900
+        yield b" " * 900 + b"]"
+
+    # No Content-Length: http.client sends the generator chunked, so only the read can tell.
+    reply = request(f"{service.url}/messages", "POST", chunks(), {"Content-Type": "application/json"})
+    assert reply.status == 413
+    assert reply.json()["detail"] == {"limit": 1000}
+
+
+def test_unknown_ack_and_route_are_json_errors(make_service) -> None:
+    service = make_service()
+    reply = post_json(service.url, {"a": 1}, query="?ack=later")
+    assert reply.status == 400 and "ack must be" in reply.json()["error"]
+    reply = request(f"{service.url}/nowhere")
+    assert reply.status == 404 and reply.json()["error"]
+
+
+def test_ack_commit_returns_after_rows_exist(make_service, make_engine, sqlite_url) -> None:
+    service = make_service(batch_linger_s=0.0)
+    engine = make_engine(sqlite_url)
+    for n in range(5):
+        reply = post_ndjson(service.url, [{"n": n, "i": i} for i in range(3)], query="?ack=commit")
+        assert (reply.status, reply.json()) == (201, {"stored": 3})
+        assert count_rows(engine) == 3 * (n + 1)
+
+
+def test_server_default_ack_commit(make_service, make_engine, sqlite_url) -> None:
+    service = make_service(ack="commit")
+    reply = post_json(service.url, {"a": 1})
+    assert (reply.status, reply.json()) == (201, {"stored": 1})
+    assert count_rows(make_engine(sqlite_url)) == 1
+    assert post_json(service.url, {"a": 1}, query="?ack=enqueue").status == 202
+
+
+def test_health_readiness_and_metrics_endpoints(make_service) -> None:
+    service = make_service()
+    assert request(f"{service.url}/healthz").json() == {"healthy": True}
+    assert request(f"{service.url}/readyz").json() == {"ready": True}
+    reply = request(f"{service.url}/metrics")
+    assert reply.status == 200 and b"ingest_queue_capacity 10000.0" in reply.body
+    service.shutdown.stopping.set()
+    reply = request(f"{service.url}/readyz")
+    assert (reply.status, reply.json()) == (503, {"ready": False})
+    reply = post_json(service.url, {"a": 1})
+    assert reply.status == 503 and reply.headers["retry-after"] == "1"
+    assert json.loads(reply.body)["error"] == "service is shutting down"
+    assert metric(service, "ingest_messages_rejected_total", {"reason": "shutting_down"}) == 1
