@@ -152,7 +152,11 @@ def push(**values: Any) -> None:
 
     options = pusher.PushOptions(**values)
     progress = pusher.progress_bar(sys.stderr) if sys.stderr.isatty() else None
-    summary = pusher.run(options, progress=progress)
+    try:
+        summary = pusher.run(options, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()  # end the bar's line even when the run failed
     click.echo(summary.format())
     if not summary.ok:
         sys.exit(EXIT_FAILURE)

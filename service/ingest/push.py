@@ -1,0 +1,427 @@
+"""`ingest push`: a load generator that POSTs generated messages to a running service.
+
+It speaks only HTTP and imports nothing from the server side, so it sees what a real client sees.
+Pacing is a schedule (open loop), not "send when the last reply came back": a slow service shows
+up as latency and catch-up, not as a quietly lower offered load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip as gzip_codec
+import json
+import math
+import random
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import NamedTuple, TextIO
+
+import aiohttp
+
+from ingest.errors import ClientError, ConfigError
+
+ACKS = ("enqueue", "commit")
+BURST_INTERVAL_S = 1.0
+RETRY_AFTER_DEFAULT_S = 1.0
+RETRY_AFTER_CAP_S = 30.0
+BACKOFF_BASE_S = 0.1
+BACKOFF_CAP_S = 5.0
+# Refusals before any HTTP reply mean "nothing listens there", not "restarting": give up early.
+UNREACHABLE_AFTER_ATTEMPTS = 5
+PROGRESS_INTERVAL_S = 0.1
+ERROR_TEXT_LIMIT = 200
+ERRORS_SHOWN = 3
+SENSORS = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class PushOptions:
+    """What to send and how fast; checked on construction, so a bad value fails before any I/O.
+
+    Pacing, counted from the start of the run: with `rate`, message n is due at n / rate s. With
+    `burst`, `burst` extra messages are due at once at the start and every BURST_INTERVAL_S (1 s)
+    after; with `burst` but no `rate`, the load is those bursts only. A request leaves when its
+    first message is due; requests held back by `concurrency` or retries leave as soon as a slot
+    frees, catching up with the schedule.
+    """
+
+    url: str
+    count: int
+    batch: int = 100
+    concurrency: int = 16
+    rate: float | None = None
+    burst: int = 0
+    ack: str = "enqueue"
+    request_timeout_s: float = 60.0
+    max_attempts: int = 50
+    gzip: bool = False
+
+    def __post_init__(self) -> None:
+        problem = _problem(self)
+        if problem is not None:
+            raise ConfigError(f"push: {problem}")
+
+
+def _problem(o: PushOptions) -> str | None:
+    """The first thing wrong with `o`, as one line, or None."""
+    rate_ok = o.rate is None or (o.rate > 0 and math.isfinite(o.rate))
+    checks = (
+        (o.url.startswith(("http://", "https://")), f"url must be http(s)://…, got {o.url!r}"),
+        (o.count >= 0, f"count must be >= 0, got {o.count}"),
+        (o.batch >= 1, f"batch must be >= 1, got {o.batch}"),
+        (o.concurrency >= 1, f"concurrency must be >= 1, got {o.concurrency}"),
+        (rate_ok, f"rate must be a positive number of messages/s, got {o.rate}"),
+        (o.burst >= 0, f"burst must be >= 0, got {o.burst}"),
+        (o.ack in ACKS, f"ack must be one of {', '.join(ACKS)}, got {o.ack!r}"),
+        (o.request_timeout_s > 0, f"request_timeout_s must be > 0, got {o.request_timeout_s}"),
+        (o.max_attempts >= 1, f"max_attempts must be >= 1, got {o.max_attempts}"),
+    )
+    return next((message for ok, message in checks if not ok), None)
+
+
+@dataclass
+class PushSummary:
+    """What one run achieved.
+
+    Counts are messages, except `retried` (re-sends of a request) and `errors` (each distinct final
+    error -> the requests it ended); `latencies_s` has one entry per acknowledged request.
+    """
+
+    count: int
+    sent: int = 0
+    acknowledged: int = 0
+    retried: int = 0
+    failed: int = 0
+    elapsed_s: float = 0.0
+    latencies_s: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.acknowledged == self.sent == self.count
+
+    @property
+    def messages_per_s(self) -> float:
+        return self.acknowledged / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def format(self) -> str:
+        lines = [
+            f"sent          {self.sent} of {self.count} messages"
+            + (f" ({self.count - self.sent} not sent)" if self.sent < self.count else ""),
+            f"acknowledged  {self.acknowledged}",
+            f"retried       {self.retried} re-sends after a 503 or a connection error",
+            f"failed        {self.failed} messages",
+            f"throughput    {self.messages_per_s:.1f} messages/s over {self.elapsed_s:.2f} s",
+            f"latency       {_latency_line(self.latencies_s)}",
+        ]
+        shown = list(self.errors.items())[:ERRORS_SHOWN]
+        lines += [f"error         {text} ({n} requests)" for text, n in shown]
+        if len(self.errors) > ERRORS_SHOWN:
+            lines.append(
+                f"              and {len(self.errors) - ERRORS_SHOWN} more distinct errors"
+            )
+        return "\n".join(lines)
+
+
+def _latency_line(latencies_s: Sequence[float]) -> str:
+    if not latencies_s:
+        return "no request acknowledged"
+    ordered = sorted(latencies_s)
+    parts = [f"p{p} {percentile(ordered, p) * 1000:.1f} ms" for p in (50, 95, 99)]
+    return "  ".join(parts) + f"  ({len(ordered)} requests)"
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile: always a value that was observed, never an interpolation."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 < p <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {p}")
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1]
+
+
+def due_s(
+    seq: int, *, rate: float | None, burst: int, interval_s: float = BURST_INTERVAL_S
+) -> float:
+    """When message `seq` may leave, in seconds from the start (the model is in PushOptions)."""
+    if rate is None:
+        return 0.0 if burst == 0 else (seq // burst) * interval_s
+    if burst == 0:
+        return seq / rate
+    # Merge the steady slots (one at each j / rate) with the burst slots (`burst` at each
+    # i * interval_s): message `seq` takes the slot of rank `seq`, so find the first time, among
+    # either kind of slot, by which more than `seq` slots exist.
+    steady = bisect_left(
+        range(seq + 1),
+        True,
+        key=lambda j: j + 1 + burst * (math.floor(j / rate / interval_s) + 1) > seq,
+    )
+    bursts = bisect_left(
+        range(seq // burst + 1),
+        True,
+        key=lambda i: math.floor(i * interval_s * rate) + 1 + burst * (i + 1) > seq,
+    )
+    return min(steady / rate, bursts * interval_s)
+
+
+def retry_after_s(header: str | None) -> float:
+    """The wait a 503 asks for: delta-seconds only, capped so one reply cannot stall the run."""
+    try:
+        value = float(header) if header is not None else RETRY_AFTER_DEFAULT_S
+    except ValueError:
+        return RETRY_AFTER_DEFAULT_S
+    if not math.isfinite(value):
+        return RETRY_AFTER_DEFAULT_S
+    return min(max(value, 0.0), RETRY_AFTER_CAP_S)
+
+
+def backoff_s(attempt: int, jitter: float) -> float:
+    """Capped exponential backoff after failed `attempt` (1-based); `jitter` in [0, 1] spreads it."""
+    return min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2.0 ** (attempt - 1)) * (0.5 + jitter / 2)
+
+
+def make_message(seq: int, now: datetime) -> dict[str, object]:
+    """A plausible reading; `v` depends only on `seq`, so stored rows can be checked after a run."""
+    return {
+        "sensor": f"s-{seq % SENSORS}",
+        "seq": seq,
+        "v": round(20.0 + 5.0 * math.sin(seq / 10.0), 3),
+        "ts": now.isoformat(timespec="milliseconds"),
+    }
+
+
+def encode_body(first: int, size: int, *, ndjson: bool, gzip: bool, now: datetime) -> bytes:
+    """Messages first..first+size-1 as NDJSON lines, or as one bare object when not `ndjson`."""
+    if not ndjson and size != 1:
+        raise ValueError(f"a JSON body holds one message, not {size}")
+    lines = [
+        json.dumps(make_message(seq, now), separators=(",", ":"))
+        for seq in range(first, first + size)
+    ]
+    body = ("\n".join(lines) + "\n" if ndjson else lines[0]).encode()
+    return gzip_codec.compress(body, compresslevel=1, mtime=0) if gzip else body
+
+
+def request_headers(*, ndjson: bool, gzip: bool) -> dict[str, str]:
+    headers = {"Content-Type": "application/x-ndjson" if ndjson else "application/json"}
+    if gzip:
+        headers["Content-Encoding"] = "gzip"
+    return headers
+
+
+def messages_url(url: str, ack: str) -> str:
+    return url.rstrip("/") + "/messages" + ("?ack=commit" if ack == "commit" else "")
+
+
+def describe_response(status: int, body: bytes) -> str:
+    """One line for a refused request: the service's JSON error, compacted, or its text."""
+    try:
+        text = json.dumps(json.loads(body), separators=(",", ":"))
+    except ValueError:
+        text = " ".join(body.decode("utf-8", "replace").split())
+    if len(text) > ERROR_TEXT_LIMIT:
+        text = text[: ERROR_TEXT_LIMIT - 1] + "…"
+    return f"HTTP {status}: {text}" if text else f"HTTP {status}"
+
+
+def describe_connection_error(exc: aiohttp.ClientConnectionError) -> str:
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "server disconnected"
+    return str(exc) or type(exc).__name__
+
+
+class _Reply(NamedTuple):
+    status: int
+    retry_after: str | None
+    body: bytes
+    latency_s: float
+
+
+class _Outcome(NamedTuple):
+    """One attempt: `error` None means acknowledged; `retry_in_s` None means the error is final."""
+
+    error: str | None
+    retry_in_s: float | None = None
+    latency_s: float = 0.0
+    refused: bool = False  # a connection error, not an HTTP reply
+
+
+class _Push:
+    """One run's shared state, so nothing about a run lives at module level."""
+
+    def __init__(self, options: PushOptions, progress: Callable[[int, int], None] | None) -> None:
+        self.options = options
+        self.progress = progress
+        self.summary = PushSummary(count=options.count)
+        self.url = messages_url(options.url, options.ack)
+        self.ndjson = options.batch > 1
+        self.headers = request_headers(ndjson=self.ndjson, gzip=options.gzip)
+        # Workers share one iterator, so each request is taken exactly once, in seq order.
+        self.firsts = iter(range(0, options.count, options.batch))
+        self.reached = False  # any HTTP reply seen: later refusals mean "restarting"
+        # Set when a request ran out of attempts on connection errors: the service is gone, so
+        # stop instead of letting every remaining request spend its own max_attempts.
+        self.gone: str | None = None
+        self.random = random.Random()
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return f"<push sent={s.sent} acked={s.acknowledged} retried={s.retried} failed={s.failed}>"
+
+    async def run(self) -> PushSummary:
+        loop = asyncio.get_running_loop()
+        started_s = loop.time()
+        self._report()
+        requests = math.ceil(self.options.count / self.options.batch)
+        connector = aiohttp.TCPConnector(limit=self.options.concurrency)
+        timeout = aiohttp.ClientTimeout(total=self.options.request_timeout_s)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for _ in range(min(self.options.concurrency, requests)):
+                        group.create_task(self._worker(session, started_s))
+            except* ClientError as errors:
+                raise errors.exceptions[0] from None
+        self.summary.elapsed_s = loop.time() - started_s
+        return self.summary
+
+    async def _worker(self, session: aiohttp.ClientSession, started_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        o = self.options
+        for first in self.firsts:
+            wait_s = started_s + due_s(first, rate=o.rate, burst=o.burst) - loop.time()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            if self.gone is not None:
+                return
+            await self._deliver(session, first, min(o.batch, o.count - first))
+
+    async def _deliver(self, session: aiohttp.ClientSession, first: int, size: int) -> None:
+        """Send one request until it is acknowledged, finally refused, or out of attempts."""
+        o = self.options
+        body = encode_body(first, size, ndjson=self.ndjson, gzip=o.gzip, now=datetime.now(UTC))
+        self.summary.sent += size
+        outcome = _Outcome("not sent")
+        for attempt in range(1, o.max_attempts + 1):
+            if outcome.retry_in_s is not None:
+                await asyncio.sleep(outcome.retry_in_s)
+                if self.gone is not None:
+                    return self._fail(size, self.gone)
+                self.summary.retried += 1
+            outcome = await self._attempt(session, body, attempt)
+            if outcome.error is None:
+                return self._acknowledge(size, outcome.latency_s)
+            if outcome.retry_in_s is None:
+                return self._fail(size, outcome.error)
+        error = f"{outcome.error} (gave up after {o.max_attempts} attempts)"
+        if outcome.refused:
+            self.gone = error
+        self._fail(size, error)
+
+    async def _attempt(self, session: aiohttp.ClientSession, body: bytes, attempt: int) -> _Outcome:
+        """One POST, classified: acknowledged, worth retrying after a wait, or a final failure."""
+        try:
+            reply = await self._post(session, body)
+        except TimeoutError:
+            # The service may still take it: a retry could duplicate, an ack would be a guess.
+            return _Outcome(f"no reply within {self.options.request_timeout_s:g} s")
+        except aiohttp.ClientConnectionError as exc:
+            error = describe_connection_error(exc)
+            self._give_up_if_unreachable(attempt, error)
+            return _Outcome(error, backoff_s(attempt, self.random.random()), refused=True)
+        except aiohttp.ClientError as exc:  # a reply we cannot read
+            return _Outcome(f"{type(exc).__name__}: {exc}")
+        self.reached = True
+        if 200 <= reply.status < 300:
+            return _Outcome(None, latency_s=reply.latency_s)
+        error = describe_response(reply.status, reply.body)
+        return _Outcome(error, retry_after_s(reply.retry_after) if reply.status == 503 else None)
+
+    async def _post(self, session: aiohttp.ClientSession, body: bytes) -> _Reply:
+        loop = asyncio.get_running_loop()
+        started_s = loop.time()
+        async with session.post(self.url, data=body, headers=self.headers) as response:
+            content = await response.read()
+            retry_after = response.headers.get("Retry-After")
+            return _Reply(response.status, retry_after, content, loop.time() - started_s)
+
+    def _give_up_if_unreachable(self, attempt: int, error: str) -> None:
+        if not self.reached and attempt >= min(
+            self.options.max_attempts, UNREACHABLE_AFTER_ATTEMPTS
+        ):
+            raise ClientError(f"cannot reach {self.options.url}: {error}")
+
+    def _acknowledge(self, size: int, latency_s: float) -> None:
+        self.summary.acknowledged += size
+        self.summary.latencies_s.append(latency_s)
+        self._report()
+
+    def _fail(self, size: int, error: str) -> None:
+        self.summary.failed += size
+        self.summary.errors[error] = self.summary.errors.get(error, 0) + 1
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.summary.acknowledged, self.options.count)
+
+
+def run(options: PushOptions, *, progress: Callable[[int, int], None] | None = None) -> PushSummary:
+    """Push `options.count` messages and say how it went.
+
+    `progress(acknowledged, total)` is called at the start and after each acknowledged request.
+    Raises ClientError only if the service never replied at all (e.g. connection refused).
+    """
+    return asyncio.run(_Push(options, progress).run())
+
+
+class ProgressBar:
+    """One terminal line redrawn in place, throttled so a fast run does not spend its time printing."""
+
+    def __init__(self, stream: TextIO, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._stream = stream
+        self._clock = clock
+        self._started_s = clock()
+        self._drawn_s: float | None = None
+        self._last = (0, 0)
+        self._finished = False
+
+    def __call__(self, acknowledged: int, total: int) -> None:
+        if self._finished:
+            return
+        self._last = (acknowledged, total)
+        now_s = self._clock()
+        done = acknowledged >= total
+        if done or self._drawn_s is None or now_s - self._drawn_s >= PROGRESS_INTERVAL_S:
+            self._draw(now_s, final=done)
+
+    def close(self) -> None:
+        """End the line after a run that did not acknowledge everything; harmless otherwise."""
+        if not self._finished and self._drawn_s is not None:
+            self._draw(self._clock(), final=True)
+
+    def _draw(self, now_s: float, *, final: bool) -> None:
+        acknowledged, total = self._last
+        fraction = acknowledged / total if total else 1.0
+        filled = round(fraction * 30)
+        elapsed_s = now_s - self._started_s
+        rate = acknowledged / elapsed_s if elapsed_s > 0 else 0.0
+        width = len(str(total))
+        self._stream.write(
+            f"\r[{'#' * filled}{'-' * (30 - filled)}] {acknowledged:>{width}}/{total}"
+            f" {fraction:4.0%} {rate:9.0f} msg/s" + ("\n" if final else "")
+        )
+        self._stream.flush()
+        self._drawn_s = now_s
+        self._finished = final
+
+
+def progress_bar(stream: TextIO) -> ProgressBar:
+    """A `progress` callback for `run` when `stream` is a terminal; call `.close()` after the run."""
+    return ProgressBar(stream)
