@@ -100,8 +100,8 @@ def serve(**values: Any) -> None:
         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
     )
     service = Service(settings)
-    service.shutdown.install_signal_handlers()
     service.start()
+    service.shutdown.install_signal_handlers()
     sys.exit(service.run())
 
 

@@ -9,6 +9,7 @@ Stop:  refuse new requests (503) → close the buffer → consumers drain and co
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -152,9 +153,8 @@ class Service:
         try:
             self.port = self.listener.started.result(STARTUP_TIMEOUT_S)
         except OSError as exc:
-            raise StartupError(
-                f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror or exc}"
-            ) from None
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            raise StartupError(f"cannot listen on {self.settings.host}:{self.settings.port}: {reason}") from None
 
     # -- run ---------------------------------------------------------------------------------
 

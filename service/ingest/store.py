@@ -45,7 +45,9 @@ _TRANSIENT = (
 
 def classify(exc: BaseException) -> type[TransientStoreError] | type[PermanentStoreError] | None:
     """Map a driver error to transient or permanent by its class; None if it is not a DB error."""
-    original = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    # SQLAlchemy wraps driver errors (and errors raised while binding parameters) in
+    # StatementError; the class that tells what happened is the wrapped one.
+    original = exc.orig if isinstance(exc, sa_exc.StatementError) and exc.orig is not None else exc
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return TransientStoreError
     if isinstance(original, _PERMANENT):

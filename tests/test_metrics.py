@@ -1,0 +1,81 @@
+"""/metrics parses as Prometheus text and moves as the pipeline works."""
+
+from httpclient import post_json, post_ndjson, request
+from prometheus_client.parser import text_string_to_metric_families
+from waiting import wait_until
+
+CONTRACT = {
+    "ingest_queue_depth": "gauge",
+    "ingest_queue_capacity": "gauge",
+    "ingest_messages_received": "counter",
+    "ingest_messages_stored": "counter",
+    "ingest_messages_rejected": "counter",
+    "ingest_batch_size": "histogram",
+    "ingest_db_write_seconds": "histogram",
+    "ingest_message_latency_seconds": "histogram",
+    "ingest_db_pool_size": "gauge",
+    "ingest_db_pool_in_use": "gauge",
+    "ingest_db_pool_waiting": "gauge",
+    "ingest_consumers_alive": "gauge",
+    "ingest_thread_errors": "counter",
+    "ingest_db_retries": "counter",
+    "ingest_messages_dead_lettered": "counter",
+    "ingest_http_requests": "counter",
+}
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    reply = request(f"{url}/metrics")
+    assert reply.status == 200
+    samples = {}
+    families = {}
+    for family in text_string_to_metric_families(reply.body.decode()):
+        families[family.name] = family.type
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    for name, kind in CONTRACT.items():
+        assert families.get(name) == kind, f"{name}: {families.get(name)}"
+    return samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def test_contract_metrics_exist_with_zeroes_before_traffic(make_service) -> None:
+    service = make_service(consumers=3, pool_size=2, queue_size=1234)
+    samples = scrape(service.url)
+    assert value(samples, "ingest_queue_capacity") == 1234
+    assert value(samples, "ingest_db_pool_size") == 2
+    assert value(samples, "ingest_consumers_alive") == 3
+    for reason in ("invalid", "too_large", "unsupported", "queue_full", "shutting_down"):
+        assert value(samples, "ingest_messages_rejected_total", reason=reason) == 0
+    assert value(samples, "ingest_thread_errors_total", thread="consumer-3") == 0
+    assert value(samples, "ingest_http_requests_total", code="503") == 0
+
+
+def test_counters_and_histograms_move_with_traffic(make_service) -> None:
+    service = make_service(batch_linger_s=0)
+    for n in range(10):
+        assert post_ndjson(service.url, [{"n": n, "i": i} for i in range(10)], query="?ack=commit").status == 201
+    assert post_json(service.url, {"ok": 1}).status == 202
+    assert request(f"{service.url}/messages", "POST", b"{", {"Content-Type": "application/json"}).status == 400
+    wait_until(lambda: value(scrape(service.url), "ingest_messages_stored_total") == 101, what="101 stored")
+    samples = scrape(service.url)
+    assert value(samples, "ingest_messages_received_total") == 101
+    assert value(samples, "ingest_message_latency_seconds_count") == 101
+    assert value(samples, "ingest_batch_size_sum") == 101
+    assert value(samples, "ingest_db_write_seconds_count") == value(samples, "ingest_batch_size_count") >= 10
+    assert value(samples, "ingest_http_requests_total", code="201") == 10
+    assert value(samples, "ingest_http_requests_total", code="202") == 1
+    assert value(samples, "ingest_http_requests_total", code="400") == 1
+    assert value(samples, "ingest_messages_rejected_total", reason="invalid") == 1
+    assert value(samples, "ingest_queue_depth") == 0
+    assert value(samples, "ingest_db_pool_in_use") == 0
+
+
+def test_two_services_in_one_process_have_separate_registries(make_service) -> None:
+    first, second = make_service(), make_service()
+    assert post_json(first.url, {"a": 1}, query="?ack=commit").status == 201
+    assert value(scrape(first.url), "ingest_messages_stored_total") == 1
+    assert value(scrape(second.url), "ingest_messages_stored_total") == 0
