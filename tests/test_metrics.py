@@ -1,7 +1,8 @@
 """/metrics parses as Prometheus text and moves as the pipeline works."""
 
-from httpclient import post_json, post_ndjson, request
 from prometheus_client.parser import text_string_to_metric_families
+
+from httpclient import post_json, post_ndjson, request
 from waiting import wait_until
 
 CONTRACT = {

@@ -2,9 +2,8 @@
 
 import threading
 
-from waiting import wait_until
-
 from ingest.pool import ConnectionPool
+from waiting import wait_until
 
 
 def test_consumers_beyond_the_pool_size_wait_visibly(sqlite_url) -> None:
@@ -42,9 +41,8 @@ def test_counters_stay_exact_under_contention(sqlite_url) -> None:
 
     def work() -> None:
         for _ in range(50):
-            with pool.connection():
-                with lock:
-                    peak.append(pool.in_use)
+            with pool.connection(), lock:
+                peak.append(pool.in_use)
 
     threads = [threading.Thread(target=work) for _ in range(6)]
     for thread in threads:

@@ -5,9 +5,10 @@ import json
 import signal
 import threading
 
+from sqlalchemy import text
+
 from probes import count_rows
 from serving import serving
-from sqlalchemy import text
 from waiting import wait_until
 
 

@@ -90,7 +90,7 @@ class Buffer:
     def requeue(self, batch: Sequence[Message]) -> None:
         """Put a batch back at the head, past the capacity bound.
 
-        The overshoot is at most consumers × batch size, and taking it back is the only way a
+        The overshoot is at most consumers * batch size, and taking it back is the only way a
         dying consumer can keep what it held.
         """
         with self._lock:

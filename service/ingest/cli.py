@@ -33,11 +33,14 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     return value
 
 
-def _option(*decls: str, envvar: str, help: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _option(*decls: str, envvar: str, help: str, **kwargs: Any) -> Decorator:
     return click.option(*decls, envvar=envvar, show_envvar=True, show_default=True, help=help, **kwargs)
 
 
-SETTINGS_OPTIONS = [
+SETTINGS_OPTIONS: list[Decorator] = [
     click.option("--config", "config_file", envvar="INGEST_CONFIG", show_envvar=True, is_eager=True,
                  expose_value=False, callback=_load_config, type=click.Path(dir_okay=False),
                  help="TOML file of settings (see config/ingest.example.toml)."),

@@ -7,6 +7,7 @@ the main thread turns "address in use" into a one-line error instead of a dead t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from concurrent.futures import Future
@@ -49,7 +50,7 @@ class ListenerThread(threading.Thread):
             await runner.setup()
             site = web.TCPSite(runner, self._host, self._port)
             await site.start()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
             self.started.set_exception(exc)
             await runner.cleanup()
             return
@@ -64,10 +65,9 @@ class ListenerThread(threading.Thread):
         """Ask the loop to finish; safe from any thread."""
         loop, stop = self._loop, self._stop_event
         if loop is not None and stop is not None and not loop.is_closed():
-            try:
+            # RuntimeError: the loop closed between the check and the call, so it is stopping.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(stop.set)
-            except RuntimeError:
-                pass  # the loop closed between the check and the call: already stopping
 
 
 def _bound_port(runner: web.AppRunner) -> int:

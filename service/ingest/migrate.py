@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from alembic import command
@@ -11,12 +12,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
-import ingest.migrations
-
 
 def _config() -> Config:
+    # migrations/ at the top of the repository ships as the package ingest.migrations.
+    spec = importlib.util.find_spec("ingest.migrations")
+    assert spec is not None and spec.submodule_search_locations is not None
     config = Config()
-    config.set_main_option("script_location", str(Path(ingest.migrations.__file__).parent))
+    config.set_main_option("script_location", str(Path(spec.submodule_search_locations[0])))
     return config
 
 

@@ -180,7 +180,7 @@ class Service:
         try:
             self.pool.ping()
             self.store.reachable = True
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure means "not reachable", and is logged
             self.store.reachable = False
             log.warning("database unreachable: %s", str(exc).splitlines()[0])
 

@@ -80,7 +80,7 @@ class Supervisor:
         self._thread_errors.labels(name if name in self._known else "other").inc()
         log.critical(
             "thread %s died: %s: %s", name, args.exc_type.__name__, args.exc_value,
-            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+            exc_info=args.exc_value if args.exc_value is not None else True,
         )
         previous = self._previous_hook
         # The default hook would print the same traceback a second time; any other hook
