@@ -9,11 +9,11 @@ from ingest.messages import Message
 
 
 def msgs(n: int, start: int = 0) -> list[Message]:
-    return [Message({"n": i}, 0.0) for i in range(start, start + n)]
+    return [Message(str(i), 0.0) for i in range(start, start + n)]
 
 
 def ns(batch: list[Message]) -> list[int]:
-    return [m.payload["n"] for m in batch]
+    return [int(m.text) for m in batch]
 
 
 def test_put_is_all_or_nothing() -> None:

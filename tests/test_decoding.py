@@ -8,16 +8,16 @@ from ingest.decoding import decode, decompress, media_type
 from ingest.errors import Invalid, TooLarge, Unsupported
 
 
-def test_one_object() -> None:
-    assert decode(b'{"a": 1}', "application/json") == [{"a": 1}]
+def test_one_object_is_kept_as_sent() -> None:
+    assert decode(b' {"a":\t1, "\xc3\xa9": "\\u00e9"}\n', "application/json") == ['{"a":\t1, "\u00e9": "\\u00e9"}']
 
 
 def test_array_of_objects() -> None:
-    assert decode(b'[{"a": 1}, {"b": 2}]', "application/json; charset=utf-8") == [{"a": 1}, {"b": 2}]
+    assert decode(b'[{"a": 1}, {"b": 2}]', "application/json; charset=utf-8") == ['{"a": 1}', '{"b": 2}']
 
 
-def test_ndjson_skips_blank_lines() -> None:
-    assert decode(b'{"a": 1}\n\n{"b": 2}\r\n', "application/x-ndjson") == [{"a": 1}, {"b": 2}]
+def test_ndjson_keeps_lines_as_sent_and_skips_blank_ones() -> None:
+    assert decode(b'{"a":1}\n\n{"b": 2}\r\n', "application/x-ndjson") == ['{"a":1}', '{"b": 2}']
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,8 @@
-"""Request body → list of JSON objects. Pure functions; every error names where it went wrong."""
+"""Request body → list of messages. Pure functions; every error names where it went wrong.
+
+A message travels as the JSON text of one object, validated here and stored as received: the
+database parses it once more, but the service never serializes it again (see bench/).
+"""
 
 from __future__ import annotations
 
@@ -52,8 +56,8 @@ def media_type(content_type: str) -> str:
     return kind.strip().lower()
 
 
-def decode(body: bytes, content_type: str) -> list[dict[str, Any]]:
-    """Parse a body into messages; each must be a JSON object."""
+def decode(body: bytes, content_type: str) -> list[str]:
+    """Split a body into messages, each the JSON text of one object."""
     kind = media_type(content_type)
     if kind in JSON_TYPES:
         return decode_json(body)
@@ -65,18 +69,19 @@ def decode(body: bytes, content_type: str) -> list[dict[str, Any]]:
     )
 
 
-def decode_json(body: bytes) -> list[dict[str, Any]]:
-    """One JSON object, or an array of them."""
+def decode_json(body: bytes) -> list[str]:
+    """One JSON object (kept as sent), or an array of them (each re-encoded on its own)."""
     if not body.strip():
         raise Invalid("body is empty")
     try:
-        value = _loads(body)
+        text = body.decode().strip()
+        value = _loads(text)
     except json.JSONDecodeError as exc:
         raise Invalid(f"malformed JSON: {exc.msg}", {"line": exc.lineno, "column": exc.colno}) from None
     except (ValueError, RecursionError) as exc:
         raise Invalid(f"malformed JSON: {_describe(exc)}") from None
     if isinstance(value, dict):
-        return [value]
+        return [text]
     if not isinstance(value, list):
         raise Invalid(f"body must be a JSON object or an array of objects, not {_kind(value)}")
     if not value:
@@ -84,22 +89,23 @@ def decode_json(body: bytes) -> list[dict[str, Any]]:
     for index, item in enumerate(value):
         if not isinstance(item, dict):
             raise Invalid(f"message at index {index} is {_kind(item)}, not an object", {"index": index})
-    return value
+    return [json.dumps(item) for item in value]
 
 
-def decode_ndjson(body: bytes) -> list[dict[str, Any]]:
-    """One JSON object a line; blank lines are skipped, line numbers start at 1."""
-    messages: list[dict[str, Any]] = []
+def decode_ndjson(body: bytes) -> list[str]:
+    """One JSON object a line, kept as sent; blank lines are skipped, line numbers start at 1."""
+    messages: list[str] = []
     for number, line in enumerate(body.split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
-            value = _loads(line)
+            text = line.decode().strip()
+            value = _loads(text)
         except (ValueError, RecursionError) as exc:
             raise Invalid(f"line {number}: malformed JSON: {_describe(exc)}", {"line": number}) from None
         if not isinstance(value, dict):
             raise Invalid(f"line {number} is {_kind(value)}, not an object", {"line": number})
-        messages.append(value)
+        messages.append(text)
     if not messages:
         raise Invalid("body has no messages")
     return messages

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from typing import Any
-
 from ingest.errors import StoreError
 
 
@@ -26,7 +24,7 @@ class Ack:
     cancel it under a consumer that is about to settle it.
     """
 
-    __slots__ = ("future", "_lock", "_pending", "_stored", "_failed", "_first_error")
+    __slots__ = ("_failed", "_first_error", "_lock", "_pending", "_stored", "future")
 
     def __init__(self, count: int) -> None:
         self.future: Future[int] = Future()
@@ -62,12 +60,13 @@ class Ack:
 
 
 class Message:
-    """One accepted JSON object; `received_at` is epoch seconds at the listener."""
+    """One accepted message: the JSON text of an object, as received; `received_at` is epoch
+    seconds at the listener. Text, not a dict: smaller in the buffer, and never re-encoded."""
 
-    __slots__ = ("payload", "received_at", "ack")
+    __slots__ = ("ack", "received_at", "text")
 
-    def __init__(self, payload: dict[str, Any], received_at: float, ack: Ack | None = None) -> None:
-        self.payload = payload
+    def __init__(self, text: str, received_at: float, ack: Ack | None = None) -> None:
+        self.text = text
         self.received_at = received_at
         self.ack = ack
 

@@ -26,7 +26,9 @@ class ConnectionPool:
         self._in_use = 0
         self._waiting = 0
         self.engine: Engine = create_engine(
-            url, pool_size=size, max_overflow=0, pool_pre_ping=True, pool_timeout=30
+            # No pre-ping: a round trip per batch costs more than it saves. A connection that
+            # fails is invalidated by the store and the batch retried on a fresh one.
+            url, pool_size=size, max_overflow=0, pool_timeout=30
         )
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine, sqlite_busy_timeout_s)

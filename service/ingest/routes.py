@@ -98,13 +98,13 @@ async def post_messages(request: web.Request) -> web.Response:
         config.metrics.rejected.labels("shutting_down").inc()
         raise ShuttingDown("service is shutting down")
     raw = await _read_body(request, config.max_body_bytes)
-    payloads = decode(
+    texts = decode(
         decompress(raw, request.headers.get("Content-Encoding", ""), config.max_body_bytes),
         request.headers.get("Content-Type", ""),
     )
-    ack = Ack(len(payloads)) if ack_mode == "commit" else None
+    ack = Ack(len(texts)) if ack_mode == "commit" else None
     received_at = time.time()
-    batch = [Message(payload, received_at, ack) for payload in payloads]
+    batch = [Message(text, received_at, ack) for text in texts]
     await _enqueue(config, batch)
     config.metrics.received.inc(len(batch))
     if ack is None:

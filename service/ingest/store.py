@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import sqlite3
@@ -136,8 +135,8 @@ class Store:
         while True:
             try:
                 started = time.perf_counter()
-                with self._pool.connection() as conn, conn.begin():
-                    insert_fn(conn, batch)
+                with self._pool.connection() as conn:
+                    self._in_transaction(conn, insert_fn, batch)
                 self._metrics.db_write_seconds.observe(time.perf_counter() - started)
                 self.reachable = True
                 return
@@ -158,12 +157,25 @@ class Store:
                 if self._hard_stop.wait(delay):
                     raise TransientStoreError(f"drain deadline passed while retrying: {_first_line(exc)}") from exc
 
+    @staticmethod
+    def _in_transaction(
+        conn: Connection, insert_fn: Callable[[Connection, list[Message]], None], batch: list[Message]
+    ) -> None:
+        try:
+            with conn.begin():
+                insert_fn(conn, batch)
+        except Exception as exc:
+            if classify(exc) is TransientStoreError:
+                # COPY runs on the driver's connection, so SQLAlchemy may not know it broke:
+                # never hand this connection out again.
+                conn.invalidate()
+            raise
+
     def _dead_letter(self, message: Message, error: str) -> None:
         def insert_dead(conn: Connection, batch: list[Message]) -> None:
             conn.execute(
                 insert(dead_letters),
-                [{"received_at": _utc(m.received_at), "payload": json.dumps(m.payload), "error": error}
-                 for m in batch],
+                [{"received_at": _utc(m.received_at), "payload": m.text, "error": error} for m in batch],
             )
 
         self._retrying(insert_dead, [message])
@@ -175,27 +187,42 @@ def _utc(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, UTC)
 
 
+# SQLAlchemy's DateTime stores SQLite timestamps as this text; write the same, so Core reads them.
+_SQLITE_STAMP = "%Y-%m-%d %H:%M:%S.%f"
+_INSERT_SQLITE = f"INSERT INTO {messages.name} (received_at, payload) VALUES (?, ?)"
+_COPY_POSTGRES = f"COPY {messages.name} (received_at, payload) FROM STDIN"
+# COPY's text format gives backslash, tab, newline and CR a meaning; JSON text may hold them
+# (a raw tab or CR only as whitespace between tokens), so escape them.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _stamps(batch: list[Message], render: Callable[[datetime], str]) -> list[str]:
+    """received_at of each message as text; a request's messages share one, so render once."""
+    rendered: dict[float, str] = {}
+    out = []
+    for m in batch:
+        stamp = rendered.get(m.received_at)
+        if stamp is None:
+            stamp = rendered[m.received_at] = render(_utc(m.received_at))
+        out.append(stamp)
+    return out
+
+
 def _insert_messages(conn: Connection, batch: list[Message]) -> None:
-    """SQLite: one executemany through SQLAlchemy Core."""
-    conn.execute(
-        insert(messages),
-        [{"received_at": _utc(m.received_at), "payload": m.payload} for m in batch],
-    )
+    """SQLite: one executemany of the JSON text as received (the payload column is text)."""
+    stamps = _stamps(batch, lambda moment: moment.strftime(_SQLITE_STAMP))
+    conn.exec_driver_sql(_INSERT_SQLITE, [(stamp, m.text) for stamp, m in zip(stamps, batch, strict=True)])
 
 
 def _copy_messages(conn: Connection, batch: list[Message]) -> None:
     """Postgres: COPY in text format, the fastest bulk path measured (see bench/)."""
     raw: Any = conn.connection.driver_connection
-    lines = []
-    stamp_of: dict[float, str] = {}  # a request's messages share one received_at
-    for m in batch:
-        stamp = stamp_of.get(m.received_at)
-        if stamp is None:
-            stamp = stamp_of[m.received_at] = _utc(m.received_at).isoformat()
-        # ensure_ascii keeps tabs and newlines escaped; COPY text format needs backslashes doubled.
-        lines.append(f"{stamp}\t{json.dumps(m.payload).replace(chr(92), chr(92) * 2)}\n")
-    with raw.cursor() as cursor, cursor.copy("COPY messages (received_at, payload) FROM STDIN") as copy:
-        copy.write("".join(lines))
+    stamps = _stamps(batch, datetime.isoformat)
+    data = "".join(
+        f"{stamp}\t{m.text.translate(_COPY_ESCAPES)}\n" for stamp, m in zip(stamps, batch, strict=True)
+    )
+    with raw.cursor() as cursor, cursor.copy(_COPY_POSTGRES) as copy:
+        copy.write(data)
 
 
 def _first_line(exc: BaseException) -> str:
