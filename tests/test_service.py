@@ -4,13 +4,13 @@ import sqlite3
 import threading
 
 import pytest
-from httpclient import post_json, post_ndjson, request
-from probes import count_rows, metric
 from sqlalchemy import text
+
+from httpclient import post_json, post_ndjson, request
+from ingest.messages import Message
+from probes import count_rows, metric
 from tcpproxy import TcpProxy
 from waiting import wait_until
-
-from ingest.messages import Message
 
 
 def test_backpressure_then_recovery(make_service, make_engine, sqlite_url) -> None:
@@ -122,3 +122,22 @@ def test_consumer_that_dies_is_counted_and_replaced_and_loses_nothing(
     wait_until(lambda: metric(service, "ingest_consumers_alive") == 1, what="consumer alive again")
     assert "consumer-1 died holding 5 message(s)" in caplog.text
     assert "RuntimeError: injected bug" in caplog.text
+
+
+def test_while_draining_new_requests_get_503_and_readyz_is_false(make_service, make_engine, sqlite_url) -> None:
+    service = make_service(consumers=1, batch_linger_s=0)
+    lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # the drain cannot finish until the lock goes
+    assert post_json(service.url, {"held": 1}).status == 202
+    wait_until(lambda: metric(service, "ingest_db_retries_total") >= 1, what="the held write retrying")
+    service.shutdown.stopping.set()  # what SIGTERM does; the main loop starts the drain
+    reply = request(f"{service.url}/readyz")
+    assert (reply.status, reply.json()) == (503, {"ready": False})
+    reply = post_json(service.url, {"late": 1})
+    assert reply.status == 503 and reply.headers["retry-after"] == "1"
+    assert reply.json()["error"] == "service is shutting down"
+    assert metric(service, "ingest_messages_rejected_total", {"reason": "shutting_down"}) == 1
+    lock.execute("ROLLBACK")
+    lock.close()
+    wait_until(lambda: not service.listener.is_alive(), timeout_s=30, what="the drain to finish")
+    assert count_rows(make_engine(sqlite_url)) == 1
