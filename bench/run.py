@@ -1,0 +1,241 @@
+"""End-to-end benchmark: ingest vs the raw bulk-write limit of the same database, same run.
+
+    python bench/run.py [--messages 200000] [--single 20000] [--postgres URL]
+
+For each database (Postgres, SQLite) it starts a real `ingest serve`, pushes the same generated
+messages with `ingest push` (a separate process: NDJSON batches of 100, and 1 message a
+request), waits until every message is in the table, and prints messages/s end to end. In the
+same run it writes the same messages straight to the same database with the same driver (the
+raw limit) and prints `ingest / raw`, plus the service's peak RSS. Figures, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+
+from ingest.push import make_message
+
+READY = re.compile(r"ingest ready on (http://\S+)")
+
+
+def messages(count: int) -> list[dict[str, object]]:
+    now = datetime.now(UTC)
+    return [make_message(seq, now) for seq in range(count)]
+
+
+# -- raw limits: the same rows, the same driver, no service ----------------------------------
+
+
+def raw_postgres_copy(url: str, rows: list[dict[str, object]], batch: int) -> float:
+    stamp = datetime.now(UTC).isoformat()
+    with psycopg.connect(url) as conn:
+        started = time.perf_counter()
+        for first in range(0, len(rows), batch):
+            with conn.cursor() as cur, cur.copy("COPY messages (received_at, payload) FROM STDIN") as copy:
+                copy.write("".join(
+                    f"{stamp}\t{json.dumps(r).replace(chr(92), chr(92) * 2)}\n" for r in rows[first:first + batch]
+                ))
+            conn.commit()
+        return len(rows) / (time.perf_counter() - started)
+
+
+def raw_postgres_executemany(url: str, rows: list[dict[str, object]], batch: int) -> float:
+    stamp = datetime.now(UTC)
+    with psycopg.connect(url) as conn:
+        started = time.perf_counter()
+        for first in range(0, len(rows), batch):
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO messages (received_at, payload) VALUES (%s, %s::jsonb)",
+                    [(stamp, json.dumps(r)) for r in rows[first:first + batch]],
+                )
+            conn.commit()
+        return len(rows) / (time.perf_counter() - started)
+
+
+def raw_sqlite(path: str, rows: list[dict[str, object]], batch: int) -> float:
+    stamp = datetime.now(UTC).isoformat(sep=" ")
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    started = time.perf_counter()
+    for first in range(0, len(rows), batch):
+        with conn:
+            conn.executemany(
+                "INSERT INTO messages (received_at, payload) VALUES (?, ?)",
+                [(stamp, json.dumps(r)) for r in rows[first:first + batch]],
+            )
+    conn.close()
+    return len(rows) / (time.perf_counter() - started)
+
+
+# -- ingest end to end ---------------------------------------------------------------------
+
+
+class Served:
+    def __init__(self, db_url: str, extra: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ingest", "serve", "--port", "0", "--db", db_url, "--log-level", "warning",
+             "--consumers", "4", *extra],
+            stderr=subprocess.PIPE, text=True,
+        )
+        assert self.proc.stderr is not None
+        # --log-level warning hides the ready line, so ask the OS which port the process bound.
+        self.url = self._wait_url()
+
+    def _wait_url(self) -> str:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"ingest serve exited: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+            for line in out.splitlines():
+                if f"pid={self.proc.pid}," in line:
+                    port = line.split()[3].rsplit(":", 1)[1]
+                    url = f"http://127.0.0.1:{port}"
+                    try:
+                        import urllib.request
+
+                        with urllib.request.urlopen(f"{url}/readyz", timeout=1) as reply:
+                            if reply.status == 200:
+                                return url
+                    except OSError:
+                        pass
+            time.sleep(0.1)
+        raise SystemExit("ingest serve did not become ready")
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        code = self.proc.wait(120)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        return code
+
+
+def push(url: str, count: int, batch: int, concurrency: int) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ingest", "push", "--url", url, "--count", str(count), "--batch", str(batch),
+         "--concurrency", str(concurrency)],
+        capture_output=True, text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"push failed:\n{done.stdout}\n{done.stderr}")
+
+
+def wait_rows(count_rows: Callable[[], int], expected: int) -> None:
+    deadline = time.monotonic() + 600
+    while count_rows() < expected:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {count_rows()} of {expected} rows after 600 s")
+        time.sleep(0.02)
+
+
+def end_to_end(db_url: str, count_rows: Callable[[], int], count: int, batch: int, concurrency: int) -> tuple[float, float]:
+    served = Served(db_url, [])
+    try:
+        before = count_rows()
+        started = time.perf_counter()
+        push(served.url, count, batch, concurrency)
+        wait_rows(count_rows, before + count)
+        rate = count / (time.perf_counter() - started)
+        return rate, served.peak_rss_mib()
+    finally:
+        code = served.stop()
+        if code != 0:
+            print(f"  (ingest serve exited with {code})")
+
+
+def migrate(db_url: str) -> None:
+    subprocess.run([sys.executable, "-m", "ingest", "db", "upgrade", "--db", db_url], check=True,
+                   capture_output=True)
+
+
+def postgres_case(admin_url: str, args: argparse.Namespace, rows: list[dict[str, object]]) -> None:
+    name = f"ingest_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = admin_url.rsplit("/", 1)[0]
+    plain = f"{base}/{name}"
+    sa_url = plain.replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        migrate(sa_url)
+
+        def count() -> int:
+            with psycopg.connect(plain) as conn:
+                return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])  # type: ignore[index]
+
+        copy = raw_postgres_copy(plain, rows, 500)
+        many = raw_postgres_executemany(plain, rows[: len(rows) // 4], 500)
+        print(f"postgres raw: COPY {copy:,.0f} rows/s, executemany {many:,.0f} rows/s (batches of 500, one writer)")
+        report("postgres", sa_url, count, copy, args)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def sqlite_case(args: argparse.Namespace, rows: list[dict[str, object]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/bench.db"
+        url = f"sqlite:///{path}"
+        migrate(url)
+
+        def count() -> int:
+            conn = sqlite3.connect(path)
+            try:
+                return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+            finally:
+                conn.close()
+
+        raw = raw_sqlite(path, rows, 500)
+        print(f"sqlite raw: executemany {raw:,.0f} rows/s (batches of 500, one writer, WAL)")
+        report("sqlite", url, count, raw, args)
+
+
+def report(label: str, url: str, count: Callable[[], int], raw: float, args: argparse.Namespace) -> None:
+    rate, rss = end_to_end(url, count, args.messages, 100, args.concurrency)
+    print(f"{label} ingest, NDJSON x100: {rate:,.0f} msgs/s end to end; ingest / raw = {rate / raw:.2f}; "
+          f"peak RSS {rss:.0f} MiB")
+    rate, rss = end_to_end(url, count, args.single, 1, args.concurrency)
+    print(f"{label} ingest, 1 msg/request: {rate:,.0f} msgs/s end to end; ingest / raw = {rate / raw:.3f}; "
+          f"peak RSS {rss:.0f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=200_000, help="messages for the NDJSON runs")
+    parser.add_argument("--single", type=int, default=20_000, help="messages for the 1-a-request runs")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test",
+                        help="an admin URL; the benchmark creates and drops its own database")
+    parser.add_argument("--only", choices=["postgres", "sqlite"])
+    args = parser.parse_args()
+    rows = messages(args.messages)
+    print(f"{args.messages:,} messages (NDJSON runs), {args.single:,} (single runs); "
+          f"push concurrency {args.concurrency}; 4 consumers, batch 500, pool 2")
+    if args.only != "sqlite":
+        postgres_case(args.postgres, args, rows)
+    if args.only != "postgres":
+        sqlite_case(args, rows)
+
+
+if __name__ == "__main__":
+    main()
