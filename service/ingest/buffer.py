@@ -1,8 +1,12 @@
 """The bounded buffer between the listener and the consumers, bounded in messages.
 
-One Lock with two Conditions (like queue.Queue), but with the operations this pipeline needs:
-a request's messages go in all or none, consumers take batches with a linger, a dying consumer
-hands its batch back at the head, and `close()` lets consumers see that the flow has ended.
+One Lock with three Conditions (like queue.Queue, plus one), with the operations this pipeline
+needs: a request's messages go in all or none, consumers take batches with a linger, a dying
+consumer hands its batch back at the head, and `close()` lets consumers see the flow has ended.
+
+Wake-ups are rationed, because every needless one costs the listener the GIL: while a consumer
+lingers to fill its batch, puts wake nobody until the batch is full, and an idle consumer is
+woken only when there is more than the lingering ones will take.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ class Buffer:
         self.capacity = capacity
         self._items: deque[Message] = deque()
         self._lock = threading.Lock()
-        self._not_empty = threading.Condition(self._lock)
+        self._work = threading.Condition(self._lock)  # an idle consumer has something to take
+        self._filled = threading.Condition(self._lock)  # a lingering consumer's batch is full
         self._not_full = threading.Condition(self._lock)
         self._closed = False
+        self._lingering = 0  # consumers waiting for their batch to fill
+        self._batch_target = 1  # the batch size lingering consumers wait for
 
     def __repr__(self) -> str:
         return f"Buffer(depth={len(self._items)}, capacity={self.capacity}, closed={self._closed})"
@@ -64,28 +71,48 @@ class Buffer:
 
     def _append(self, messages: Sequence[Message]) -> None:
         self._items.extend(messages)
-        self._not_empty.notify_all()
+        if self._lingering and len(self._items) >= self._batch_target:
+            self._filled.notify()
+        if self._has_work_for_idle():
+            self._work.notify()
+
+    def _has_work_for_idle(self) -> bool:
+        return len(self._items) > self._lingering * self._batch_target
 
     def take(self, max_count: int, linger_s: float, wait_s: float) -> list[Message]:
-        """Up to `max_count` messages: wait `wait_s` for the first, then `linger_s` to fill up.
+        """Up to `max_count` messages: wait `wait_s` for work, then `linger_s` to fill up.
 
         Returns an empty list when nothing arrived in `wait_s`, so the caller can look at its
         stop flags, or at once when the buffer is closed and empty.
         """
         with self._lock:
-            if not self._items and not self._closed:
-                self._not_empty.wait(wait_s)
-            if self._items and len(self._items) < max_count and not self._closed:
-                linger_until = time.monotonic() + linger_s
-                while len(self._items) < max_count and not self._closed:
-                    remaining = linger_until - time.monotonic()
-                    if remaining <= 0 or not self._not_empty.wait(remaining):
-                        break
-            count = min(max_count, len(self._items))
-            batch = [self._items.popleft() for _ in range(count)]
+            self._batch_target = max_count
+            deadline = time.monotonic() + wait_s
+            while not self._closed and not self._has_work_for_idle():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._work.wait(remaining)
+            if self._items and len(self._items) < max_count and not self._closed and linger_s > 0:
+                self._linger(max_count, linger_s)
+            batch = [self._items.popleft() for _ in range(min(max_count, len(self._items)))]
             if batch:
                 self._not_full.notify_all()
+            if self._has_work_for_idle():
+                self._work.notify()  # pass the baton: there is more than this batch
             return batch
+
+    def _linger(self, max_count: int, linger_s: float) -> None:
+        self._lingering += 1
+        try:
+            linger_until = time.monotonic() + linger_s
+            while len(self._items) < max_count and not self._closed:
+                remaining = linger_until - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._filled.wait(remaining)
+        finally:
+            self._lingering -= 1
 
     def requeue(self, batch: Sequence[Message]) -> None:
         """Put a batch back at the head, past the capacity bound.
@@ -95,13 +122,15 @@ class Buffer:
         """
         with self._lock:
             self._items.extendleft(reversed(batch))
-            self._not_empty.notify_all()
+            self._work.notify_all()
+            self._filled.notify_all()
 
     def close(self) -> None:
         """No more puts; waiting puts fail with ShuttingDown, consumers drain what is left."""
         with self._lock:
             self._closed = True
-            self._not_empty.notify_all()
+            self._work.notify_all()
+            self._filled.notify_all()
             self._not_full.notify_all()
 
     def drained(self) -> bool:
