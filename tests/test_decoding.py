@@ -86,3 +86,8 @@ def test_bad_gzip_is_invalid_and_unknown_encoding_unsupported() -> None:
         decompress(gzip.compress(b'{"a": 1}')[:-10], "gzip", 1000)
     with pytest.raises(Unsupported):
         decompress(b"x", "br", 1000)
+
+
+def test_ndjson_invalid_utf8_names_the_line() -> None:
+    with pytest.raises(Invalid, match="line 2: not valid UTF-8"):
+        decode(b'{"a": 1}\n{"b": "\xff"}\n', "application/x-ndjson")

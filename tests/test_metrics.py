@@ -80,3 +80,23 @@ def test_two_services_in_one_process_have_separate_registries(make_service) -> N
     assert post_json(first.url, {"a": 1}, query="?ack=commit").status == 201
     assert value(scrape(first.url), "ingest_messages_stored_total") == 1
     assert value(scrape(second.url), "ingest_messages_stored_total") == 0
+
+
+def test_counted_histogram_matches_prometheus_semantics() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from ingest.metrics import CountedHistogram
+
+    buckets = (0.01, 0.1, 1.0)
+    ours_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
+    ours = CountedHistogram("h_seconds", "h", buckets, ours_registry)
+    reference = Histogram("h_seconds", "h", buckets=buckets, registry=reference_registry)
+    for value, count in [(0.001, 3), (0.01, 2), (0.5, 4), (7.0, 1)]:
+        ours.observe(value, count)
+        for _ in range(count):
+            reference.observe(value)
+    for le in ("0.01", "0.1", "1.0", "+Inf"):
+        sample = ("h_seconds_bucket", {"le": le})
+        assert ours_registry.get_sample_value(*sample) == reference_registry.get_sample_value(*sample), le
+    for name in ("h_seconds_count", "h_seconds_sum"):
+        assert ours_registry.get_sample_value(name) == reference_registry.get_sample_value(name)

@@ -1,5 +1,6 @@
 """The pipeline under stress: backpressure, outages, permanent errors, dying threads."""
 
+import json
 import sqlite3
 import threading
 
@@ -141,3 +142,15 @@ def test_while_draining_new_requests_get_503_and_readyz_is_false(make_service, m
     lock.close()
     wait_until(lambda: not service.listener.is_alive(), timeout_s=30, what="the drain to finish")
     assert count_rows(make_engine(sqlite_url)) == 1
+
+
+def test_text_that_copy_must_escape_is_stored_exactly(make_service, make_engine, db_url) -> None:
+    """Tabs, CRs and newlines as JSON whitespace, backslash escapes in strings: all stored."""
+    service = make_service(db_url=db_url, consumers=1)
+    body = b'{\n\t"tab": "a\\tb",\r\n "slash": "c:\\\\dir", "quote": "\\"q\\"", "nl": "x\\ny", "u": "\\u00e9"\n}'
+    reply = request(f"{service.url}/messages?ack=commit", "POST", body, {"Content-Type": "application/json"})
+    assert reply.status == 201, reply.body
+    with make_engine(db_url).connect() as conn:
+        stored = conn.execute(text("SELECT payload FROM messages")).scalar_one()
+    expected = {"tab": "a\tb", "slash": "c:\\dir", "quote": '"q"', "nl": "x\ny", "u": "é"}
+    assert (stored if isinstance(stored, dict) else json.loads(stored)) == expected

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 
 from ingest.buffer import Buffer
 from ingest.errors import IngestError, TransientStoreError
@@ -101,9 +102,9 @@ class ConsumerThread(threading.Thread):
         self._metrics.batch_size.observe(len(batch))
         result = self._store.write(batch)
         committed = time.time()
-        observe = self._metrics.message_latency.observe
-        for message in result.stored:
-            observe(committed - message.received_at)
+        # A request's messages share received_at: one observation per request, with its count.
+        for received_at, count in Counter(m.received_at for m in result.stored).items():
+            self._metrics.message_latency.observe(committed - received_at, count)
         self._metrics.stored.inc(len(result.stored))
         settle_stored(result.stored)
         for message, error in result.dead:
