@@ -392,3 +392,11 @@ def test_unreachable_service_raises_client_error() -> None:
             ClientError, match=r"cannot reach http://127\.0\.0\.1:\d+: connection refused"
         ):
             push.run(options(url=f"http://127.0.0.1:{port}", max_attempts=1))
+
+
+def test_fast_encoding_matches_make_message() -> None:
+    from ingest.push import encode_body, make_message
+
+    now = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
+    lines = encode_body(0, 500, ndjson=True, gzip=False, now=now).decode().splitlines()
+    assert [json.loads(line) for line in lines] == [make_message(seq, now) for seq in range(500)]

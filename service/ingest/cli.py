@@ -168,7 +168,8 @@ def push(**values: Any) -> None:
 @main.command()
 @click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="Service to watch.")
 @click.option("--once", is_flag=True, help="Print one snapshot and exit.")
-@click.option("--interval", "interval_s", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--interval", "interval_s", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between refreshes.")
 def top(url: str, once: bool, interval_s: float) -> None:
     """A live view of a running service, read from its /metrics."""
     from ingest import top as viewer
