@@ -40,6 +40,28 @@ def test_backpressure_then_recovery(make_service, make_engine, sqlite_url) -> No
     wait_until(lambda: count_rows(engine) == accepted + 1, what="the next message stored")
 
 
+def test_a_request_is_enqueued_all_or_none(make_service, make_engine, sqlite_url) -> None:
+    service = make_service(queue_size=10, consumers=1, batch_size=1, enqueue_timeout_s=0.2)
+    engine = make_engine(sqlite_url)
+    lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    assert post_ndjson(service.url, [{"first": i} for i in range(6)]).status == 202
+    # The stalled consumer holds one message: five wait in the buffer, five places are free.
+    wait_until(lambda: metric(service, "ingest_db_retries_total") >= 1, what="the consumer holding a batch")
+    assert metric(service, "ingest_queue_depth") == 5
+    reply = post_ndjson(service.url, [{"second": i} for i in range(6)])
+    assert reply.status == 503 and reply.headers["retry-after"] == "1"
+    assert metric(service, "ingest_queue_depth") == 5  # none of the six went in
+    assert metric(service, "ingest_messages_rejected_total", {"reason": "queue_full"}) == 6
+    assert post_ndjson(service.url, [{"third": i} for i in range(5)]).status == 202
+    lock.execute("ROLLBACK")
+    lock.close()
+    wait_until(lambda: count_rows(engine) == 11, what="the 11 accepted messages")
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT payload FROM messages")).scalars().all()
+    assert not any("second" in json.loads(p) for p in stored)
+
+
 def test_request_bigger_than_the_queue_is_413(make_service) -> None:
     service = make_service(queue_size=3)
     reply = post_ndjson(service.url, [{"n": n} for n in range(4)])

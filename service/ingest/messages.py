@@ -44,11 +44,15 @@ class Ack:
 
     def _settle(self, *, stored: int, failed: int, error: str) -> None:
         with self._lock:
+            if self._pending <= 0:
+                # Already settled: a batch handed back by a dying consumer after part of it
+                # was stored comes round again. The client has its answer; count nothing twice.
+                return
             self._stored += stored
             self._failed += failed
             if error and not self._first_error:
                 self._first_error = error
-            self._pending -= stored + failed
+            self._pending = max(0, self._pending - stored - failed)
             done = self._pending == 0
         if not done:
             return
