@@ -124,12 +124,7 @@ def prometheus(tmp_path: Path, target: str) -> Iterator[Prometheus]:
         assert process.poll() is None, f"prometheus exited:\n{log.read_text()[-3000:]}"
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        _terminate(process)
 
 
 @contextmanager
@@ -158,12 +153,16 @@ def proxy(tmp_path: Path, upstream_port: int) -> Iterator[str]:
         assert process.poll() is None, f"nginx exited:\n{log.read_text()[-3000:]}"
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        _terminate(process)
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
 
 
 def _has_numbers(result: list[dict[str, Any]]) -> bool:
