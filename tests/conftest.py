@@ -82,7 +82,8 @@ def make_service(sqlite_url: str) -> Iterator[Callable[..., Service]]:
         return service
 
     yield make
-    for service, supervisor in running:
+    # Last started, first stopped: each service's excepthook then unwinds to the one before it.
+    for service, supervisor in reversed(running):
         service.shutdown.stopping.set()
         supervisor.join(60)
         service.stop()
