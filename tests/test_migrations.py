@@ -40,6 +40,12 @@ def test_serve_without_migrations_on_empty_database_says_what_to_do(sqlite_url) 
     )
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == (
-        "ingest: error: table(s) dead_letters, messages missing: run `ingest db upgrade` "
-        "or start without --no-migrate"
+        "ingest: error: database schema is at revision none, this ingest needs 0001: "
+        "run `ingest db upgrade` or start without --no-migrate"
     )
+
+
+def test_serve_without_migrations_on_a_migrated_database_starts(sqlite_url, make_service) -> None:
+    assert subprocess.run([sys.executable, "-m", "ingest", "db", "upgrade", "--db", sqlite_url]).returncode == 0
+    service = make_service(migrate=False)
+    assert service.ready()

@@ -129,12 +129,19 @@ class Service:
         log.info("ingest ready on %s (%s, %d consumers)", self.url, self.pool.dialect, self.settings.consumers)
 
     def _migrate(self) -> None:
-        if not self.settings.migrate:
-            return
+        """Upgrade the schema (unless --no-migrate), then insist it is the one this code writes."""
         try:
-            migrate.upgrade(self.pool.engine)
+            if self.settings.migrate:
+                migrate.upgrade(self.pool.engine)
+            current = migrate.current(self.pool.engine)
         except Exception as exc:
-            raise StartupError(f"cannot migrate the database: {str(exc).splitlines()[0]}") from exc
+            doing = "migrate" if self.settings.migrate else "read the schema revision of"
+            raise StartupError(f"cannot {doing} the database: {str(exc).splitlines()[0]}") from exc
+        if current != migrate.head():
+            raise StartupError(
+                f"database schema is at revision {current or 'none'}, this ingest needs {migrate.head()}: "
+                "run `ingest db upgrade` or start without --no-migrate"
+            )
 
     def _start_consumers(self) -> None:
         startup = threading.Barrier(self.settings.consumers + 1)
@@ -205,7 +212,10 @@ class Service:
             self._executor.shutdown(wait=True)
             self.pool.dispose()
             self.supervisor.uninstall()
-        log.info("ingest stopped (exit code %d)", code)
+        if self._ready.is_set():
+            log.info("ingest stopped (exit code %d)", code)
+        else:
+            log.info("ingest did not start; stopped what had started")
         return code
 
     def _join_consumers(self) -> None:
