@@ -1,4 +1,5 @@
-"""The stack run for real, minus Docker: a real `ingest serve`; the project's nginx config in
+"""The stack run for real, minus Docker: a real `ingest serve` on the real Postgres (behind a TCP
+proxy the test can cut, to stall the database); the project's nginx config in
 front of it (Debian's nginx, upstream and listen rewritten to loopback); a real Prometheus
 (Debian's binary) scraping it with the project's own config and alert rules (target rewritten to
 loopback, intervals shortened); load from `ingest push` through the proxy; every dashboard query
@@ -10,7 +11,6 @@ import json
 import math
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 import urllib.parse
@@ -43,6 +43,7 @@ from stack_support import (
     metrics_text,
     port_of,
 )
+from tcpproxy import TcpProxy
 from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -191,10 +192,24 @@ def _push(service_url: str, tmp_path: Path, *args: str) -> subprocess.Popen[byte
         )
 
 
-def test_dashboard_queries_return_data_and_a_stalled_database_fires_the_queue_alert(tmp_path: Path) -> None:
-    db_file = tmp_path / "ingest.db"
+@pytest.fixture
+def database(postgres_url: str) -> Iterator[tuple[str, TcpProxy]]:
+    """The test's Postgres database, reached through a proxy that can be cut."""
+    host_port = postgres_url.split("@", 1)[1].split("/", 1)[0]
+    host, port = host_port.split(":")
+    tcp = TcpProxy(host, int(port))
+    try:
+        yield postgres_url.replace(host_port, f"127.0.0.1:{tcp.port}"), tcp
+    finally:
+        tcp.close()
+
+
+def test_dashboard_queries_return_data_and_a_stalled_database_fires_the_queue_alert(
+    tmp_path: Path, database: tuple[str, TcpProxy]
+) -> None:
+    db_url, tcp = database
     with serving(
-        ["--db", f"sqlite:///{db_file}", "--consumers", "2", "--queue-size", "1000",
+        ["--db", db_url, "--consumers", "2", "--queue-size", "1000",
          "--batch-size", "100", "--enqueue-timeout", "0.2"]
     ) as service, prometheus(tmp_path, f"127.0.0.1:{port_of(service.url)}") as prom, proxy(
         tmp_path, port_of(service.url)
@@ -243,13 +258,12 @@ def test_dashboard_queries_return_data_and_a_stalled_database_fires_the_queue_al
         for rule in alert_rules():
             prom.query(rule["expr"])
 
-        # Stall the database: hold SQLite's write lock, so every batch write fails with
-        # "database is locked" and is retried; the queue fills behind the consumers.
-        lock = sqlite3.connect(db_file, isolation_level=None, timeout=10)
+        # Stall the database: cut the connections to Postgres, so every batch write fails and is
+        # retried; the queue fills behind the consumers.
         burst: subprocess.Popen[bytes] | None = None
         try:
             try:
-                lock.execute("BEGIN EXCLUSIVE")
+                tcp.cut()
                 burst = _push(proxy_url, tmp_path, "--count", "3000", "--concurrency", "4")
                 wait_until(lambda: PROVOKED_ALERT in prom.firing(), 30, f"{PROVOKED_ALERT} to fire")
                 wait_until(lambda: prom.query("ingest_db_retries_total > 0"), 15, "the stall to show as retries")
@@ -260,9 +274,7 @@ def test_dashboard_queries_return_data_and_a_stalled_database_fires_the_queue_al
                 )
                 wait_until(lambda: _healthcheck(port) != 0, 15, "the health check to fail while stalled")
             finally:
-                if lock.in_transaction:
-                    lock.execute("ROLLBACK")
-                lock.close()
+                tcp.restore()
 
             # Released: the retried batches and the backlog are written, and nothing was lost.
             assert burst.wait(timeout=60) == 0, (tmp_path / "push-1.log").read_text()
