@@ -37,3 +37,17 @@ def test_consumer_that_finished_on_purpose_is_not_replaced(make_service) -> None
     service.shutdown.hard_stop.clear()
     # A consumer that returned on purpose is finished, not dead: the supervisor leaves it be.
     assert victim.finished and service.supervisor.check() == 0
+
+
+def test_a_listener_that_ends_stops_the_service_with_exit_code_4(sqlite_url) -> None:
+    from ingest.config import Settings
+    from ingest.service import EXIT_LISTENER_DIED, Service
+
+    service = Service(Settings.from_mapping({"port": 0, "db_url": sqlite_url, "consumers": 1}))
+    service.start()
+    assert service.healthy()
+    service.listener.stop()  # its loop ends, as it would after a crash
+    service.listener.join(10)
+    assert not service.healthy()
+    assert service.run() == EXIT_LISTENER_DIED  # the main loop notices, drains and stops
+    assert not any(c.is_alive() for c in service.supervisor.consumers())
