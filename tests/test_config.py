@@ -61,6 +61,8 @@ def test_password_is_masked(capsys, monkeypatch) -> None:
         (["--db", "mysql://u@h/db"], "db_url scheme 'mysql' is not supported"),
         (["--db", "postgresql+asyncpg://u@h/db"], "is not supported"),
         (["--db", "not a url"], "db_url is not a database URL"),
+        (["--db", "sqlite://"], "in-memory SQLite is not supported"),
+        (["--db", "sqlite:///:memory:"], "in-memory SQLite is not supported"),
         (["--port", "70000"], "port must be between 0 and 65535"),
         (["--port", "eighty"], "'eighty' is not a valid integer"),
         (["--config", "/nonexistent/ingest.toml"], "config file /nonexistent/ingest.toml does not exist"),
@@ -122,3 +124,8 @@ def test_port_in_use_is_one_line_exit_1(sqlite_url) -> None:
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == f"ingest: error: cannot listen on 127.0.0.1:{port}: address already in use"
     assert "Traceback" not in done.stderr
+
+
+def test_plain_postgresql_urls_mean_psycopg(capsys) -> None:
+    assert show(capsys, "--db", "postgresql://app@db/x")["db_url"] == '"postgresql+psycopg://app@db/x"'
+    assert show(capsys, "--db", "postgres://app@db/x")["db_url"] == '"postgresql+psycopg://app@db/x"'

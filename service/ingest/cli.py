@@ -132,7 +132,7 @@ def db() -> None:
               show_default=True, help="Database to migrate.")
 def db_upgrade(db_url: str) -> None:
     """Create or upgrade the tables (Alembic migrations)."""
-    Settings.from_mapping({"db_url": db_url})
+    db_url = Settings.from_mapping({"db_url": db_url}).db_url
     try:
         before, after = migrate.upgrade_url(db_url)
     except SQLAlchemyError as exc:

@@ -48,7 +48,10 @@ class Settings:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
-        settings = cls(**{k: v for k, v in values.items() if v is not None})
+        given = {k: v for k, v in values.items() if v is not None}
+        if isinstance(given.get("db_url"), str):
+            given["db_url"] = normalize_db_url(given["db_url"])
+        settings = cls(**given)
         settings.validate()
         return settings
 
@@ -78,6 +81,14 @@ def _check_port(port: int) -> None:
         raise ConfigError(f"port must be between 0 and 65535, got {port}")
 
 
+def normalize_db_url(db_url: str) -> str:
+    """postgresql:// and postgres:// (what libpq and most tools write) mean psycopg 3 here."""
+    for prefix in ("postgresql://", "postgres://"):
+        if db_url.startswith(prefix):
+            return "postgresql+psycopg://" + db_url.removeprefix(prefix)
+    return db_url
+
+
 def check_db_url(db_url: str) -> URL:
     """Refuse URLs whose dialect or driver ingest does not ship, before anything connects."""
     try:
@@ -90,6 +101,9 @@ def check_db_url(db_url: str) -> URL:
             f"db_url scheme {url.drivername!r} is not supported; "
             "use sqlite:///path.db or postgresql+psycopg://user@host/db"
         )
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        # Every pooled connection would get its own empty database: consumers could not write.
+        raise ConfigError("db_url: in-memory SQLite is not supported; give a file, e.g. sqlite:///ingest.db")
     return url
 
 
