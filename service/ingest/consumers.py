@@ -91,7 +91,8 @@ class ConsumerThread(threading.Thread):
             log.error("%s: %d message(s) not stored at the drain deadline: %s", self.name, len(batch), exc)
             settle_failed(batch, str(exc))
         except BaseException:
-            log.exception("%s died holding %d message(s); handing them back", self.name, len(batch))
+            # The excepthook logs the traceback and counts the death; say what happened to the data.
+            log.error("%s died holding %d message(s); handing them back", self.name, len(batch))
             self._buffer.requeue(batch)
             raise
         finally:

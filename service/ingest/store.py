@@ -94,6 +94,9 @@ class Store:
         )
         self.reachable = True  # last word from the database; read by /readyz
 
+    def __repr__(self) -> str:
+        return f"Store({self._pool!r}, reachable={self.reachable})"
+
     def check(self) -> None:
         """Connect and find the tables; a consumer calls this before the service opens."""
         try:
