@@ -36,3 +36,18 @@ def test_push_ack_commit_gets_201s(make_service, make_engine, sqlite_url) -> Non
     assert summary.ok and summary.acknowledged == 300
     assert metric(service, "ingest_http_requests_total", {"code": "201"}) == 300
     assert count_rows(make_engine(sqlite_url)) == 300  # committed before each 201
+
+
+def test_push_exits_1_when_messages_are_refused_and_0_when_all_are_acknowledged(make_service) -> None:
+    import subprocess
+    import sys
+
+    strict = make_service(max_body_bytes=100)  # a batch of 5 generated messages is larger
+    command = [sys.executable, "-m", "ingest", "push", "--url", strict.url, "--count", "10", "--batch", "5"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "failed        10 messages" in refused.stdout and "413" in refused.stdout
+    command[command.index("--batch") + 1] = "1"
+    accepted = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert "acknowledged  10" in accepted.stdout
