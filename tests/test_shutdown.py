@@ -7,6 +7,7 @@ import threading
 
 from sqlalchemy import text
 
+from httpclient import post_json
 from probes import count_rows
 from serving import serving
 from waiting import wait_until
@@ -83,3 +84,25 @@ def test_second_signal_or_deadline_exit_code_is_reported(make_engine, sqlite_url
     log = "".join(proc.log)
     assert code == 3, log
     assert "1 message(s) not stored at the drain deadline" in log
+
+
+def test_a_write_blocked_in_the_database_is_interrupted_at_the_deadline(make_engine, postgres_url) -> None:
+    """A table lock makes COPY wait forever; the drain deadline must still end the process."""
+    import psycopg
+
+    from ingest.config import Settings
+    from ingest.service import EXIT_DRAIN_TIMEOUT, Service
+
+    service = Service(Settings.from_mapping(
+        {"port": 0, "db_url": postgres_url, "consumers": 1, "drain_timeout_s": 1.0, "batch_linger_s": 0}
+    ))
+    service.start()
+    plain = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(plain) as locker:
+        locker.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        assert post_json(service.url, {"stuck": 1}).status == 202
+        wait_until(lambda: service.pool.in_use == 1, what="the consumer blocked inside COPY")
+        assert service.stop() == EXIT_DRAIN_TIMEOUT
+        assert not any(c.is_alive() for c in service.supervisor.consumers())
+        assert service.metrics.registry.get_sample_value("ingest_messages_lost_total") == 1
+        locker.rollback()

@@ -7,6 +7,7 @@ block on `acquire()`, and `waiting` / `in_use` (kept under a Lock) become metric
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from typing import Any
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
+
+log = logging.getLogger(__name__)
 
 
 class ConnectionPool:
@@ -25,6 +28,7 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._in_use = 0
         self._waiting = 0
+        self._drivers: set[Any] = set()  # driver connections held now, for interrupt()
         self.engine: Engine = create_engine(
             # No pre-ping: a round trip per batch costs more than it saves. A connection that
             # fails is invalidated by the store and the batch retried on a fresh one.
@@ -60,11 +64,37 @@ class ConnectionPool:
             with self._lock:
                 self._in_use += 1
             with self.engine.connect() as conn:
-                yield conn
+                driver = conn.connection.driver_connection
+                with self._lock:
+                    self._drivers.add(driver)
+                try:
+                    yield conn
+                finally:
+                    with self._lock:
+                        self._drivers.discard(driver)
         finally:
             with self._lock:
                 self._in_use -= 1
             self._semaphore.release()
+
+    def interrupt(self) -> int:
+        """Cancel what every held connection is running; callable from any thread.
+
+        For shutdown past the drain deadline: a write blocked in the database (a lock, a hung
+        server) would otherwise keep its non-daemon consumer, and so the process, alive.
+        libpq's cancel request and sqlite3's interrupt() are both made for another thread.
+        """
+        with self._lock:
+            drivers = list(self._drivers)
+        for driver in drivers:
+            try:
+                if isinstance(driver, sqlite3.Connection):
+                    driver.interrupt()
+                else:
+                    driver.cancel_safe(timeout=5.0)
+            except Exception as exc:  # noqa: BLE001 - best effort; the writer's own error path reports
+                log.warning("could not interrupt a database connection: %s", exc)
+        return len(drivers)
 
     def ping(self) -> None:
         """Raise if the database cannot be reached now."""

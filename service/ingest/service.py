@@ -221,7 +221,10 @@ class Service:
     def _join_consumers(self) -> None:
         # A consumer that dies while draining hands its batch back; its replacement drains it.
         while True:
-            if not self.shutdown.hard_stop.is_set():
+            if self.shutdown.hard_stop.is_set():
+                # Past the deadline a consumer may still be blocked inside the database.
+                self.pool.interrupt()
+            else:
                 self.supervisor.check()
             pending = [c for c in self.supervisor.consumers() if c.is_alive()]
             if not pending:
