@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class ConnectionPool:
-    def __init__(self, url: str, size: int, *, sqlite_busy_timeout_s: float = 1.0) -> None:
+    def __init__(
+        self, url: str, size: int, *, sqlite_busy_timeout_s: float = 1.0, connect_timeout_s: int = 10
+    ) -> None:
         self.size = size
         self.dialect = url.split(":", 1)[0].split("+", 1)[0]
         self._semaphore = threading.BoundedSemaphore(size)
@@ -32,7 +34,13 @@ class ConnectionPool:
         self.engine: Engine = create_engine(
             # No pre-ping: a round trip per batch costs more than it saves. A connection that
             # fails is invalidated by the store and the batch retried on a fresh one.
-            url, pool_size=size, max_overflow=0, pool_timeout=30
+            url,
+            pool_size=size,
+            max_overflow=0,
+            pool_timeout=30,
+            # A host that drops packets would otherwise hold a consumer in connect() for minutes;
+            # a timeout turns it into a transient error, retried with backoff like any other.
+            connect_args={} if self.dialect == "sqlite" else {"connect_timeout": connect_timeout_s},
         )
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine, sqlite_busy_timeout_s)
