@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from ingest import push
+from ingest import push, report
 from ingest.errors import ClientError, ConfigError
 
 NOW = datetime(2024, 5, 17, 12, 30, 45, 123000, tzinfo=UTC)
@@ -83,28 +83,28 @@ def test_edge_values_are_accepted() -> None:
 )
 def test_percentile_is_nearest_rank(p: float, expected: float) -> None:
     # The worked example from the nearest-rank definition, given out of order.
-    assert push.percentile([35, 20, 50, 15, 40], p) == expected
+    assert report.percentile([35, 20, 50, 15, 40], p) == expected
 
 
 def test_percentile_of_one_value() -> None:
-    assert push.percentile([0.25], 50) == push.percentile([0.25], 99) == 0.25
+    assert report.percentile([0.25], 50) == report.percentile([0.25], 99) == 0.25
 
 
 def test_percentile_of_a_hundred_values() -> None:
     values = [float(n) for n in range(1, 101)]
-    assert [push.percentile(values, p) for p in (50, 95, 99)] == [50.0, 95.0, 99.0]
+    assert [report.percentile(values, p) for p in (50, 95, 99)] == [50.0, 95.0, 99.0]
 
 
 @pytest.mark.parametrize(("values", "p"), [([], 50), ([1.0], 0), ([1.0], 101)])
 def test_percentile_rejects_what_has_no_answer(values: list[float], p: float) -> None:
     with pytest.raises(ValueError):
-        push.percentile(values, p)
+        report.percentile(values, p)
 
 
 # --- summary -------------------------------------------------------------------------------------
 
 
-def summary(**fields: Any) -> push.PushSummary:
+def summary(**fields: Any) -> report.PushSummary:
     base: dict[str, Any] = {
         "count": 1000,
         "sent": 1000,
@@ -114,12 +114,12 @@ def summary(**fields: Any) -> push.PushSummary:
         "elapsed_s": 2.0,
         "latencies_s": [0.010] * 8 + [0.050, 0.200],
     }
-    return push.PushSummary(**{**base, **fields})
+    return report.PushSummary(**{**base, **fields})
 
 
 def test_summary_ok_only_when_everything_was_acknowledged() -> None:
     assert summary().ok
-    assert push.PushSummary(count=0).ok
+    assert report.PushSummary(count=0).ok
     assert not summary(acknowledged=900, failed=100).ok
     assert not summary(sent=900, acknowledged=900).ok
     assert not summary(failed=1).ok
@@ -149,7 +149,7 @@ def test_summary_format_shows_distinct_errors_and_what_was_not_sent() -> None:
 
 
 def test_summary_format_without_latencies_or_time() -> None:
-    text = push.PushSummary(count=5, sent=5, failed=5).format()
+    text = report.PushSummary(count=5, sent=5, failed=5).format()
     assert "no request acknowledged" in text
     assert "0.0 messages/s" in text
 
@@ -323,13 +323,13 @@ class FakeClock:
 
 
 @pytest.fixture
-def bar() -> Iterator[tuple[push.ProgressBar, io.StringIO, FakeClock]]:
+def bar() -> Iterator[tuple[report.ProgressBar, io.StringIO, FakeClock]]:
     stream, clock = io.StringIO(), FakeClock()
-    yield push.ProgressBar(stream, clock=clock), stream, clock
+    yield report.ProgressBar(stream, clock=clock), stream, clock
 
 
 def test_progress_bar_redraws_one_line_at_most_ten_times_a_second(
-    bar: tuple[push.ProgressBar, io.StringIO, FakeClock],
+    bar: tuple[report.ProgressBar, io.StringIO, FakeClock],
 ) -> None:
     progress, stream, clock = bar
     progress(0, 1000)
@@ -344,7 +344,7 @@ def test_progress_bar_redraws_one_line_at_most_ten_times_a_second(
 
 
 def test_progress_bar_ends_the_line_when_done(
-    bar: tuple[push.ProgressBar, io.StringIO, FakeClock],
+    bar: tuple[report.ProgressBar, io.StringIO, FakeClock],
 ) -> None:
     progress, stream, _ = bar
     progress(0, 10)
@@ -356,7 +356,7 @@ def test_progress_bar_ends_the_line_when_done(
 
 
 def test_progress_bar_close_ends_an_unfinished_line(
-    bar: tuple[push.ProgressBar, io.StringIO, FakeClock],
+    bar: tuple[report.ProgressBar, io.StringIO, FakeClock],
 ) -> None:
     progress, stream, clock = bar
     progress(0, 10)
@@ -369,7 +369,7 @@ def test_progress_bar_close_ends_an_unfinished_line(
 
 def test_progress_bar_factory_returns_a_callback() -> None:
     stream = io.StringIO()
-    push.progress_bar(stream)(0, 0)
+    report.progress_bar(stream)(0, 0)
     assert stream.getvalue().endswith("\n")
 
 

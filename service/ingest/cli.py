@@ -152,9 +152,10 @@ def db_upgrade(db_url: str) -> None:
 def push(**values: Any) -> None:
     """Push generated messages at a running service; exit 1 if any was not acknowledged."""
     from ingest import push as pusher
+    from ingest.report import progress_bar
 
     options = pusher.PushOptions(**values)
-    progress = pusher.progress_bar(sys.stderr) if sys.stderr.isatty() else None
+    progress = progress_bar(sys.stderr) if sys.stderr.isatty() else None
     try:
         summary = pusher.run(options, progress=progress)
     finally:

@@ -12,17 +12,17 @@ import gzip as gzip_codec
 import json
 import math
 import random
-import time
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import NamedTuple, TextIO
+from typing import NamedTuple
 
 import aiohttp
 import yarl
 
 from ingest.errors import ClientError, ConfigError
+from ingest.report import PushSummary
 
 ACKS = ("enqueue", "commit")
 BURST_INTERVAL_S = 1.0
@@ -32,9 +32,7 @@ BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 5.0
 # Refusals before any HTTP reply mean "nothing listens there", not "restarting": give up early.
 UNREACHABLE_AFTER_ATTEMPTS = 5
-PROGRESS_INTERVAL_S = 0.1
 ERROR_TEXT_LIMIT = 200
-ERRORS_SHOWN = 3
 SENSORS = 16
 
 
@@ -81,68 +79,6 @@ def _problem(o: PushOptions) -> str | None:
         (o.max_attempts >= 1, f"max_attempts must be >= 1, got {o.max_attempts}"),
     )
     return next((message for ok, message in checks if not ok), None)
-
-
-@dataclass
-class PushSummary:
-    """What one run achieved.
-
-    Counts are messages, except `retried` (re-sends of a request) and `errors` (each distinct final
-    error -> the requests it ended); `latencies_s` has one entry per acknowledged request.
-    """
-
-    count: int
-    sent: int = 0
-    acknowledged: int = 0
-    retried: int = 0
-    failed: int = 0
-    elapsed_s: float = 0.0
-    latencies_s: list[float] = field(default_factory=list)
-    errors: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.failed == 0 and self.acknowledged == self.sent == self.count
-
-    @property
-    def messages_per_s(self) -> float:
-        return self.acknowledged / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    def format(self) -> str:
-        lines = [
-            f"sent          {self.sent} of {self.count} messages"
-            + (f" ({self.count - self.sent} not sent)" if self.sent < self.count else ""),
-            f"acknowledged  {self.acknowledged}",
-            f"retried       {self.retried} re-sends after a 503 or a connection error",
-            f"failed        {self.failed} messages",
-            f"throughput    {self.messages_per_s:.1f} messages/s over {self.elapsed_s:.2f} s",
-            f"latency       {_latency_line(self.latencies_s)}",
-        ]
-        shown = list(self.errors.items())[:ERRORS_SHOWN]
-        lines += [f"error         {text} ({n} requests)" for text, n in shown]
-        if len(self.errors) > ERRORS_SHOWN:
-            lines.append(
-                f"              and {len(self.errors) - ERRORS_SHOWN} more distinct errors"
-            )
-        return "\n".join(lines)
-
-
-def _latency_line(latencies_s: Sequence[float]) -> str:
-    if not latencies_s:
-        return "no request acknowledged"
-    ordered = sorted(latencies_s)
-    parts = [f"p{p} {percentile(ordered, p) * 1000:.1f} ms" for p in (50, 95, 99)]
-    return "  ".join(parts) + f"  ({len(ordered)} requests)"
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile: always a value that was observed, never an interpolation."""
-    if not values:
-        raise ValueError("percentile of no values")
-    if not 0 < p <= 100:
-        raise ValueError(f"percentile must be in (0, 100], got {p}")
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1]
 
 
 def due_s(
@@ -389,49 +325,3 @@ def run(options: PushOptions, *, progress: Callable[[int, int], None] | None = N
     Raises ClientError only if the service never replied at all (e.g. connection refused).
     """
     return asyncio.run(_Push(options, progress).run())
-
-
-class ProgressBar:
-    """One terminal line redrawn in place, throttled so a fast run does not spend its time printing."""
-
-    def __init__(self, stream: TextIO, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self._stream = stream
-        self._clock = clock
-        self._started_s = clock()
-        self._drawn_s: float | None = None
-        self._last = (0, 0)
-        self._finished = False
-
-    def __call__(self, acknowledged: int, total: int) -> None:
-        if self._finished:
-            return
-        self._last = (acknowledged, total)
-        now_s = self._clock()
-        done = acknowledged >= total
-        if done or self._drawn_s is None or now_s - self._drawn_s >= PROGRESS_INTERVAL_S:
-            self._draw(now_s, final=done)
-
-    def close(self) -> None:
-        """End the line after a run that did not acknowledge everything; harmless otherwise."""
-        if not self._finished and self._drawn_s is not None:
-            self._draw(self._clock(), final=True)
-
-    def _draw(self, now_s: float, *, final: bool) -> None:
-        acknowledged, total = self._last
-        fraction = acknowledged / total if total else 1.0
-        filled = round(fraction * 30)
-        elapsed_s = now_s - self._started_s
-        rate = acknowledged / elapsed_s if elapsed_s > 0 else 0.0
-        width = len(str(total))
-        self._stream.write(
-            f"\r[{'#' * filled}{'-' * (30 - filled)}] {acknowledged:>{width}}/{total}"
-            f" {fraction:4.0%} {rate:9.0f} msg/s" + ("\n" if final else "")
-        )
-        self._stream.flush()
-        self._drawn_s = now_s
-        self._finished = final
-
-
-def progress_bar(stream: TextIO) -> ProgressBar:
-    """A `progress` callback for `run` when `stream` is a terminal; call `.close()` after the run."""
-    return ProgressBar(stream)
