@@ -64,6 +64,7 @@ def test_unknown_ack_and_route_are_json_errors(make_service) -> None:
     service = make_service()
     reply = post_json(service.url, {"a": 1}, query="?ack=later")
     assert reply.status == 400 and "ack must be" in reply.json()["error"]
+    assert metric(service, "ingest_messages_rejected_total", {"reason": "invalid"}) == 1
     reply = request(f"{service.url}/nowhere")
     assert reply.status == 404 and reply.json()["error"]
 

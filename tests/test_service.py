@@ -66,6 +66,7 @@ def test_request_bigger_than_the_queue_is_413(make_service) -> None:
     service = make_service(queue_size=3)
     reply = post_ndjson(service.url, [{"n": n} for n in range(4)])
     assert reply.status == 413 and "more than the queue holds" in reply.json()["error"]
+    assert metric(service, "ingest_messages_rejected_total", {"reason": "too_large"}) == 4
 
 
 def test_postgres_outage_retries_then_stores_everything(make_service, make_engine, postgres_url) -> None:

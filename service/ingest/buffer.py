@@ -55,18 +55,19 @@ class Buffer:
             while len(self._items) + len(messages) > self.capacity:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise QueueFull(f"queue is full ({self.capacity} messages)")
+                    raise QueueFull(f"queue is full ({self.capacity} messages)", messages=len(messages))
                 self._not_full.wait(remaining)
                 self._check_open(len(messages))
             self._append(messages)
 
     def _check_open(self, count: int) -> None:
         if self._closed:
-            raise ShuttingDown("service is shutting down")
+            raise ShuttingDown("service is shutting down", messages=count)
         if count > self.capacity:
             raise TooLarge(
                 f"request has {count} messages, more than the queue holds ({self.capacity})",
                 {"limit": self.capacity},
+                messages=count,
             )
 
     def _append(self, messages: Sequence[Message]) -> None:

@@ -32,14 +32,19 @@ class ConfigError(IngestError):
 
 
 class Rejected(IngestError):
-    """The request is refused for what it contains; `reason` is the metric label."""
+    """The request is refused for what it contains; `reason` is the metric label.
+
+    `messages` is how many messages the refusal costs, when known (1 for a body that could not
+    even be split into messages).
+    """
 
     status = 400
     reason = "invalid"
 
-    def __init__(self, message: str, detail: Any = None) -> None:
+    def __init__(self, message: str, detail: Any = None, messages: int = 1) -> None:
         super().__init__(message)
         self.detail = detail
+        self.messages = messages
 
 
 class Invalid(Rejected):
@@ -62,9 +67,10 @@ class Backpressure(IngestError):
 
     reason = "queue_full"
 
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+    def __init__(self, message: str, retry_after_s: float = 1.0, messages: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.messages = messages
 
 
 class QueueFull(Backpressure):

@@ -20,7 +20,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from ingest.buffer import Buffer
 from ingest.decoding import decode, decompress
-from ingest.errors import Backpressure, Rejected, ShuttingDown, TooLarge
+from ingest.errors import Backpressure, Invalid, Rejected, ShuttingDown, TooLarge
 from ingest.messages import Ack, Message, WriteFailed
 from ingest.metrics import Metrics
 
@@ -68,9 +68,10 @@ async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamRe
     try:
         response = await handler(request)
     except Rejected as exc:
-        metrics.rejected.labels(exc.reason).inc()
+        metrics.rejected.labels(exc.reason).inc(exc.messages)
         response = error_response(exc.status, str(exc), exc.detail)
     except Backpressure as exc:
+        metrics.rejected.labels(exc.reason).inc(exc.messages)
         response = error_response(503, str(exc), retry_after_s=exc.retry_after_s)
     except WriteFailed as exc:
         response = error_response(
@@ -93,9 +94,8 @@ async def post_messages(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     ack_mode = request.query.get("ack", config.default_ack)
     if ack_mode not in ("enqueue", "commit"):
-        raise web.HTTPBadRequest(reason=f"ack must be enqueue or commit, not {ack_mode!r}")
+        raise Invalid(f"ack must be enqueue or commit, not {ack_mode!r}")
     if config.is_stopping():
-        config.metrics.rejected.labels("shutting_down").inc()
         raise ShuttingDown("service is shutting down")
     raw = await _read_body(request, config.max_body_bytes)
     texts = decode(
@@ -126,15 +126,11 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 async def _enqueue(config: RouteConfig, batch: list[Message]) -> None:
     """Put without waiting when there is room; otherwise wait on the executor, not the loop."""
-    try:
-        if config.buffer.try_put_all(batch):
-            return
-        deadline = time.monotonic() + config.enqueue_timeout_s
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(config.executor, config.buffer.put_all, batch, deadline)
-    except Backpressure as exc:
-        config.metrics.rejected.labels(exc.reason).inc(len(batch))
-        raise
+    if config.buffer.try_put_all(batch):
+        return
+    deadline = time.monotonic() + config.enqueue_timeout_s
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(config.executor, config.buffer.put_all, batch, deadline)
 
 
 async def healthz(request: web.Request) -> web.Response:
