@@ -182,8 +182,8 @@ class Service:
 
     def _probe_database(self) -> None:
         """Keep /readyz honest while idle: no write would notice the database going away."""
-        if self.pool.in_use:
-            return  # consumers are writing; their results already update `reachable`
+        if self.pool.in_use or self.buffer.depth():
+            return  # consumers are at work; their writes' outcomes already set `reachable`
         try:
             self.pool.ping()
             self.store.reachable = True
