@@ -77,10 +77,6 @@ async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamRe
         response = error_response(
             500, f"write failed: {exc}", {"stored": exc.stored, "failed": exc.failed}
         )
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[CONFIG].max_body_bytes
-        metrics.rejected.labels("too_large").inc()
-        response = error_response(413, f"body is over {limit} bytes", {"limit": limit})
     except web.HTTPException as exc:
         response = error_response(exc.status, exc.reason)
     except Exception:
@@ -119,9 +115,14 @@ def _json_reply(status: int, text: str) -> web.Response:
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The raw body; over `limit` is TooLarge, whether Content-Length says so or the read finds out."""
+    too_large = TooLarge(f"body is over {limit} bytes", {"limit": limit})
     if request.content_length is not None and request.content_length > limit:
-        raise TooLarge(f"body is over {limit} bytes", {"limit": limit})
-    return await request.read()
+        raise too_large
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:  # a chunked body, past client_max_size
+        raise too_large from None
 
 
 async def _enqueue(config: RouteConfig, batch: list[Message]) -> None:
