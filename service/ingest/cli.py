@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ingest import migrate
 from ingest.config import Settings, load_config_file, mask_url
-from ingest.errors import ClientError, ConfigError, IngestError, StartupError
+from ingest.errors import ConfigError, IngestError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -192,9 +192,7 @@ def run(argv: list[str] | None = None) -> int:
         _fail(exc.format_message(), exc.exit_code)
     except ConfigError as exc:
         _fail(str(exc), EXIT_USAGE)
-    except (StartupError, ClientError) as exc:
-        _fail(str(exc), EXIT_FAILURE)
-    except IngestError as exc:
+    except IngestError as exc:  # StartupError, ClientError, ...: the message is the interface
         _fail(str(exc), EXIT_FAILURE)
     return 0
 

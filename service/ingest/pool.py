@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import Connection, Engine
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class ConnectionPool:
         self, url: str, size: int, *, sqlite_busy_timeout_s: float = 1.0, connect_timeout_s: int = 10
     ) -> None:
         self.size = size
-        self.dialect = url.split(":", 1)[0].split("+", 1)[0]
+        self.dialect = make_url(url).get_backend_name()
         self._semaphore = threading.BoundedSemaphore(size)
         self._lock = threading.Lock()
         self._in_use = 0
