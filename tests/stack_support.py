@@ -8,14 +8,14 @@ import os
 import re
 import socket
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
+from httpclient import request
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -104,26 +104,9 @@ def free_port() -> int:
         return port
 
 
-def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def http_post(url: str, body: bytes, content_type: str, timeout_s: float = 10.0) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=body, method="POST", headers={"content-type": content_type})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 def answers(url: str) -> bool:
     try:
-        return http_get(url, timeout_s=1.0)[0] == 200
+        return request(url, timeout_s=1.0).status == 200
     except OSError:
         return False
 
@@ -141,9 +124,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def metrics_text(service_url: str) -> str:
-    status, body = http_get(f"{service_url}/metrics")
-    assert status == 200, f"/metrics answered {status}"
-    return body.decode("utf-8")
+    reply = request(f"{service_url}/metrics")
+    assert reply.status == 200, f"/metrics answered {reply.status}"
+    return reply.body.decode("utf-8")
 
 
 def port_of(url: str) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from httpclient import request
 from serving import serving
 from stack_support import (
     ALERT_RULES,
@@ -37,7 +38,6 @@ from stack_support import (
     dashboard_queries,
     exposed_names,
     free_port,
-    http_get,
     ingest_command,
     metric_names,
     metrics_text,
@@ -62,9 +62,11 @@ class Prometheus:
 
     def api(self, path: str, **params: str) -> Any:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        status, body = http_get(f"{self.url}/api/v1/{path}{query}")
-        reply = json.loads(body)
-        assert status == 200 and reply["status"] == "success", f"{path} {params}: {status} {body[:500]!r}"
+        answer = request(f"{self.url}/api/v1/{path}{query}")
+        reply = json.loads(answer.body)
+        assert answer.status == 200 and reply["status"] == "success", (
+            f"{path} {params}: {answer.status} {answer.body[:500]!r}"
+        )
         return reply["data"]
 
     def query(self, expr: str) -> list[dict[str, Any]]:

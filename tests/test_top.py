@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from httpclient import request
 from ingest import top
 from ingest.errors import ClientError
 from serving import serving
-from stack_support import clean_env, free_port, http_post, ingest_command, metrics_text
+from stack_support import clean_env, free_port, ingest_command, metrics_text
 
 HEALTHY = """\
 # TYPE ingest_queue_depth gauge
@@ -308,10 +309,14 @@ def test_top_once_prints_the_figures_metrics_shows(tmp_path: Path) -> None:
     db_url = f"sqlite:///{tmp_path / 'ingest.db'}"
     with serving(["--db", db_url, "--consumers", "2", "--queue-size", "500"]) as service:
         ndjson = "\n".join(json.dumps({"sensor": "a", "v": n}) for n in range(40)).encode()
-        assert http_post(f"{service.url}/messages?ack=commit", ndjson, "application/x-ndjson")[0] == 201
-        assert http_post(f"{service.url}/messages?ack=commit", b'{"v": 1}', "application/json")[0] == 201
-        assert http_post(f"{service.url}/messages", b"{not json", "application/json")[0] == 400
-        assert http_post(f"{service.url}/messages", b"v=1", "text/plain")[0] == 415
+        for query, body, content_type, status in [
+            ("?ack=commit", ndjson, "application/x-ndjson", 201),
+            ("?ack=commit", b'{"v": 1}', "application/json", 201),
+            ("", b"{not json", "application/json", 400),
+            ("", b"v=1", "text/plain", 415),
+        ]:
+            reply = request(f"{service.url}/messages{query}", "POST", body, {"Content-Type": content_type})
+            assert reply.status == status
 
         done = subprocess.run(
             ingest_command("top", "--once", "--interval", "0.2", "--url", service.url),
