@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The ingest service image: `docker compose up` builds it (see README.md, "Run the whole stack").
 # Two stages so that the runtime image carries the installed package and nothing used to build it.
 
@@ -17,8 +16,9 @@ FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
-# A fixed, unprivileged uid: nothing in the container runs as root.
-RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/ingest --create-home \
+# A fixed, unprivileged uid and gid (10001 both): nothing in the container runs as root.
+RUN groupadd --system --gid 10001 ingest \
+ && useradd --system --uid 10001 --gid ingest --home-dir /var/lib/ingest --create-home \
         --shell /usr/sbin/nologin ingest
 COPY --from=build /opt/venv /opt/venv
 USER ingest

@@ -133,3 +133,13 @@ def port_of(url: str) -> int:
     port = urllib.parse.urlsplit(url).port
     assert port is not None, url
     return port
+
+
+def prometheus_api(base_url: str, path: str, **params: str) -> Any:
+    """GET /api/v1/<path> of a Prometheus server; its `data`, or the test fails saying why."""
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    answer = request(f"{base_url}/api/v1/{path}{query}")
+    reply = json.loads(answer.body)
+    ok = answer.status == 200 and reply["status"] == "success"
+    assert ok, f"{path} {params}: {answer.status} {answer.body[:500]!r}"
+    return reply["data"]

@@ -103,8 +103,10 @@ def serve(**values: Any) -> None:
         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
     )
     service = Service(settings)
-    service.start()
+    # Before start: a SIGTERM during start-up (a `docker stop` right after `up`) must not be lost,
+    # and as PID 1 without a handler it would be. The drain then begins as soon as start returns.
     service.shutdown.install_signal_handlers()
+    service.start()
     sys.exit(service.run())
 
 
