@@ -15,7 +15,7 @@ _READY = re.compile(r"ingest ready on (http://\S+)")
 
 
 class ServeProcess:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, *, wait_ready: bool = True) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ingest", "serve", "--port", "0", *args],
             stdout=subprocess.DEVNULL,
@@ -27,7 +27,7 @@ class ServeProcess:
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, name="serve-log", daemon=True)
         self._reader.start()
-        self.url = self._wait_ready()
+        self.url = self.wait_ready() if wait_ready else ""
 
     def _read(self) -> None:
         assert self.process.stderr is not None
@@ -36,7 +36,7 @@ class ServeProcess:
             self._lines.put(line)
         self._lines.put(None)
 
-    def _wait_ready(self, timeout_s: float = 30.0) -> str:
+    def wait_ready(self, timeout_s: float = 30.0) -> str:
         while True:
             try:
                 line = self._lines.get(timeout=timeout_s)
@@ -62,8 +62,10 @@ class ServeProcess:
 
 
 @contextmanager
-def serving(args: list[str], env: dict[str, str] | None = None) -> Iterator[ServeProcess]:
-    proc = ServeProcess(args, env)
+def serving(
+    args: list[str], env: dict[str, str] | None = None, *, wait_ready: bool = True
+) -> Iterator[ServeProcess]:
+    proc = ServeProcess(args, env, wait_ready=wait_ready)
     try:
         yield proc
     finally:

@@ -8,16 +8,22 @@ import threading
 
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, held: bool = False) -> None:
+        """`held`: listen but accept nothing until `release()`, so connects hang like a silent host."""
         self._target = (target_host, target_port)
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self.port = 0
-        self.restore()
+        self.restore(held=held)
 
-    def restore(self) -> None:
+    def release(self) -> None:
+        """Start accepting: connections waiting in the backlog go through to the target now."""
+        assert self._listener is not None
+        self._spawn(self._accept, self._listener)
+
+    def restore(self, *, held: bool = False) -> None:
         """Listen (again, on the same port): new connections reach the target."""
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -25,7 +31,8 @@ class TcpProxy:
         listener.listen(64)
         self.port = listener.getsockname()[1]
         self._listener = listener
-        self._spawn(self._accept, listener)
+        if not held:
+            self._spawn(self._accept, listener)
 
     def cut(self) -> None:
         """Close the listening socket and every proxied connection: connects are refused."""

@@ -4,12 +4,14 @@ import http.client
 import json
 import signal
 import threading
+from urllib.parse import urlsplit
 
 from sqlalchemy import text
 
 from httpclient import post_json
 from probes import count_rows
 from serving import serving
+from tcpproxy import TcpProxy
 from waiting import wait_until
 
 
@@ -106,3 +108,36 @@ def test_a_write_blocked_in_the_database_is_interrupted_at_the_deadline(make_eng
         assert not any(c.is_alive() for c in service.supervisor.consumers())
         assert service.metrics.registry.get_sample_value("ingest_messages_lost_total") == 1
         locker.rollback()
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for `signum` (the SigCgt mask in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+def test_sigterm_during_start_up_is_kept_and_drains_once_started(postgres_url) -> None:
+    """A `docker stop` right after start must not be lost: handlers come before the slow start.
+
+    The database is reached through a proxy that holds every connection until released, so the
+    start-up is stuck connecting while the signal arrives.
+    """
+    dsn = urlsplit(postgres_url)
+    held = TcpProxy(dsn.hostname or "127.0.0.1", dsn.port or 5432, held=True)
+    via_proxy = postgres_url.replace(f"@{dsn.hostname}:{dsn.port}/", f"@127.0.0.1:{held.port}/", 1)
+    try:
+        with serving(["--db", via_proxy, "--consumers", "1"], wait_ready=False) as proc:
+            pid = proc.process.pid
+            wait_until(lambda: _catches(pid, signal.SIGTERM), 20, "the SIGTERM handler, while start-up waits")
+            assert not any("ingest ready" in line for line in proc.log)
+            proc.process.send_signal(signal.SIGTERM)
+            held.release()
+            code = proc.wait(60)
+    finally:
+        held.close()
+    log = "".join(proc.log)
+    assert code == 0, log
+    assert "ingest ready" in log and "ingest stopped (exit code 0)" in log

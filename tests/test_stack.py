@@ -1,5 +1,5 @@
-"""Static checks of the container stack (issue 3): everything that can be known without a Docker
-engine, which these machines do not have. test_stack_e2e.py runs the parts that can run here."""
+"""Static checks of the container stack: what can be known from its files alone, fast.
+test_docker_stack.py runs the stack under Docker; test_stack_e2e.py runs its parts without it."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from stack_support import (
 )
 
 # The Compose Specification's JSON schema, as shipped inside docker-compose 1.29.2's wheel
-# (compose/config/compose_spec.json). .ci/run downloads that wheel into .cache/ and names it in
+# (compose/config/compose_spec.json). tests/run downloads that wheel into .cache/ and names it in
 # INGEST_TEST_COMPOSE_WHEEL; the hash pins the schema the file is checked against.
 COMPOSE_SCHEMA_ENV = "INGEST_TEST_COMPOSE_WHEEL"
 COMPOSE_WHEEL_NAME = "docker_compose-1.29.2-py2.py3-none-any.whl"
@@ -83,6 +83,11 @@ def _validate(document: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     jsonschema.Draft201909Validator.check_schema(schema)
     validator = jsonschema.Draft201909Validator(schema)
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
+
+
+def _with_defaults(value: str) -> str:
+    """Compose's `${VAR:-default}` interpolation with no variable set."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
 
 
 def _services() -> dict[str, dict[str, Any]]:
@@ -220,7 +225,7 @@ def test_only_8080_9090_3000_are_published_and_ingest_can_scale() -> None:
     for name, service in _services().items():
         assert "container_name" not in service, f"{name}: a fixed container name breaks --scale"
         for port in service.get("ports", []):
-            spec = str(port["published"] if isinstance(port, dict) else port)
+            spec = _with_defaults(str(port["published"] if isinstance(port, dict) else port))
             host_part = spec.rsplit(":", 1)[0] if ":" in spec else spec
             published.add(int(host_part.split(":")[-1]))
     assert published == HOST_PORTS
@@ -230,10 +235,17 @@ def test_only_8080_9090_3000_are_published_and_ingest_can_scale() -> None:
 
 def test_startup_order_waits_for_health_and_migrations() -> None:
     services = _services()
-    assert services["postgres"]["healthcheck"]["test"][1].startswith("pg_isready")
+    # Over TCP: the socket answers during the image's init phase already (test_docker_stack).
+    assert services["postgres"]["healthcheck"]["test"][1].startswith("pg_isready -h 127.0.0.1 ")
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["ingest"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert services["proxy"]["depends_on"]["ingest"]["condition"] == "service_healthy"
+
+
+def test_every_service_running_ingest_has_an_init_to_pass_signals_on() -> None:
+    for name, service in _services().items():
+        if service.get("image") == "ingest:local":
+            assert service.get("init") is True, f"{name}: without init, a SIGTERM during start-up is lost"
 
 
 def test_build_contexts_and_bind_sources_exist() -> None:
@@ -299,12 +311,16 @@ def test_load_profile_pushes_through_the_proxy_with_the_real_cli(monkeypatch: py
     assert pushes, f"no `ingest push` in the load command: {script!r}"
     listen = re.search(r"listen\s+(\d+);", NGINX_CONFIG.read_text())
     assert listen is not None
-    for argv in pushes:
-        ctx = _parse(argv, {}, monkeypatch)
-        assert ctx.params["url"] == f"http://proxy:{listen.group(1)}"
-        assert ctx.params["rate"], "the load must be rate-limited, not a flood"
-    assert any("--burst" in argv for argv in pushes), "the load needs a burst round"
-    assert any("--burst" not in argv for argv in pushes), "the load needs a steady round"
+    queue_size = int(_environment(services["ingest"])["INGEST_QUEUE_SIZE"])
+    rounds = [_parse(argv, {}, monkeypatch).params for argv in pushes]
+    for params in rounds:
+        assert params["url"] == f"http://proxy:{listen.group(1)}"
+    steady = [p for p in rounds if p["rate"]]
+    bursts = [p for p in rounds if not p["rate"]]
+    assert steady, "the load needs a steady, rate-limited round"
+    # Far more in flight than the queue holds, for longer than a scrape at ~100k msg/s stored.
+    assert bursts and all(p["concurrency"] * p["batch"] >= 4 * queue_size for p in bursts), bursts
+    assert all(p["count"] >= 100 * queue_size for p in bursts), bursts
 
 
 def test_proxy_forwards_to_the_ingest_service_port() -> None:
@@ -317,7 +333,9 @@ def test_proxy_forwards_to_the_ingest_service_port() -> None:
     assert "resolver 127.0.0.11" in conf, "without Docker's DNS resolver, scaled replicas are not found"
     listen = re.search(r"listen\s+(\d+);", conf)
     assert listen is not None
-    assert _services()["proxy"]["ports"] == [f"8080:{listen.group(1)}"]
+    assert [_with_defaults(p) for p in _services()["proxy"]["ports"]] == [f"8080:{listen.group(1)}"]
+    for setting in ("proxy_connect_timeout 1s;", "valid=1s"):
+        assert setting in conf, f"without {setting!r} a scale-down stalls requests (test_docker_stack)"
 
 
 def test_nginx_accepts_the_proxy_config(tmp_path: Path) -> None:
@@ -577,7 +595,19 @@ def test_alert_rules_fire_when_they_should(tmp_path: Path) -> None:
         ),
         (
             [("up", "0x20")],
-            [silent("IngestDown", "30s"), fires("IngestDown", "2m", page)],
+            [silent("IngestDown", "30s"), fires("IngestDown", "2m", page),
+             silent("IngestNoReplicas", "2m")],
+        ),
+        (  # every replica gone from DNS: `up` vanishes instead of reading 0
+            [("up", "1x4 stale"), ("ingest_queue_depth", "0x20")],
+            [silent("IngestDown", "3m"), silent("IngestNoReplicas", "1m30s"),
+             fires("IngestNoReplicas", "3m", {"job": "ingest", "severity": "page"})],
+        ),
+        (  # three replicas, one crashes and leaves DNS; a steady three never fires
+            [('up{instance="i1", job="ingest"}', "1x20"), ('up{instance="i2", job="ingest"}', "1x20"),
+             ('up{instance="i3", job="ingest"}', "1x6 stale")],
+            [silent("IngestReplicasLost", "1m"), fires("IngestReplicasLost", "4m", {"severity": "ticket"}),
+             silent("IngestNoReplicas", "4m")],
         ),
     ]
     tests = []
