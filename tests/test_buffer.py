@@ -9,7 +9,7 @@ from ingest.messages import Message
 
 
 def msgs(n: int, start: int = 0) -> list[Message]:
-    return [Message(str(i), 0.0) for i in range(start, start + n)]
+    return [Message(str(i), 0.0, ident=str(i)) for i in range(start, start + n)]
 
 
 def ns(batch: list[Message]) -> list[int]:

@@ -12,7 +12,7 @@ from ingest.cli import run
 def show(capsys, *args: str) -> dict[str, str]:
     assert run(["config", "show", *args]) == 0
     lines = capsys.readouterr().out.splitlines()
-    return dict(line.split(" = ", 1) for line in lines)
+    return dict(line.split(" = ", 1) for line in lines if not line.startswith("#"))
 
 
 def fail(capsys, *args: str) -> str:

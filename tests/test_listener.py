@@ -74,14 +74,14 @@ def test_ack_commit_returns_after_rows_exist(make_service, make_engine, sqlite_u
     engine = make_engine(sqlite_url)
     for n in range(5):
         reply = post_ndjson(service.url, [{"n": n, "i": i} for i in range(3)], query="?ack=commit")
-        assert (reply.status, reply.json()) == (201, {"stored": 3})
+        assert (reply.status, reply.json()) == (201, {"stored": 3, "duplicates": 0})
         assert count_rows(engine) == 3 * (n + 1)
 
 
 def test_server_default_ack_commit(make_service, make_engine, sqlite_url) -> None:
     service = make_service(ack="commit")
     reply = post_json(service.url, {"a": 1})
-    assert (reply.status, reply.json()) == (201, {"stored": 1})
+    assert (reply.status, reply.json()) == (201, {"stored": 1, "duplicates": 0})
     assert count_rows(make_engine(sqlite_url)) == 1
     assert post_json(service.url, {"a": 1}, query="?ack=enqueue").status == 202
 

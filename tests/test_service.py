@@ -137,7 +137,7 @@ def test_consumer_that_dies_is_counted_and_replaced_and_loses_nothing(
 
     monkeypatch.setattr(service.store, "write", write_failing_once)
     reply = post_ndjson(service.url, [{"n": n} for n in range(5)], query="?ack=commit")
-    assert (reply.status, reply.json()) == (201, {"stored": 5})
+    assert (reply.status, reply.json()) == (201, {"stored": 5, "duplicates": 0})
     assert count_rows(engine) == 5
     assert metric(service, "ingest_thread_errors_total", {"thread": "consumer-1"}) == 1
     assert metric(service, "ingest_consumer_restarts_total") == 1

@@ -67,6 +67,10 @@ SETTINGS_OPTIONS: list[Decorator] = [
             help="Default acknowledgement: enqueue (202) or commit (201 after the commit)."),
     _option("--max-body-bytes", "max_body_bytes", envvar="INGEST_MAX_BODY_BYTES", type=int,
             default=_DEFAULTS.max_body_bytes, help="Largest request body, also after decompression."),
+    _option("--id-field", "id_field", envvar="INGEST_ID_FIELD", default=None,
+            help="A field of every message that is its identity: a message whose identity is stored is "
+                 "not stored again. Default: each message gets a new identity (or one from the "
+                 "request's Idempotency-Key)."),
     _option("--migrate/--no-migrate", "migrate", envvar="INGEST_MIGRATE", default=_DEFAULTS.migrate,
             help="Upgrade the schema on start."),
     _option("--log-level", "log_level", envvar="INGEST_LOG_LEVEL", default=_DEFAULTS.log_level,
@@ -120,6 +124,9 @@ def config() -> None:
 def config_show(**values: Any) -> None:
     """Print the effective settings (passwords masked) as TOML."""
     for key, value in Settings.from_mapping(values).masked().items():
+        if value is None:
+            click.echo(f"# {key} is not set")  # TOML has no null
+            continue
         rendered = str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, str) else value
         click.echo(f"{key} = {rendered}".replace("'", '"'))
 

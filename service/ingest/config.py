@@ -38,6 +38,7 @@ class Settings:
     drain_timeout_s: float = 30.0
     ack: str = "enqueue"
     max_body_bytes: int = 1024 * 1024
+    id_field: str | None = None
     migrate: bool = True
     log_level: str = "info"
 
@@ -68,6 +69,8 @@ class Settings:
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         check_db_url(self.db_url)
+        if self.id_field is not None and not self.id_field.strip():
+            raise ConfigError("id_field must name a field of the messages, got an empty name")
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with the database password hidden, for display."""

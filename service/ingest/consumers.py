@@ -16,7 +16,7 @@ from collections import Counter
 
 from ingest.buffer import Buffer
 from ingest.errors import IngestError, TransientStoreError
-from ingest.messages import Message, settle_failed, settle_stored
+from ingest.messages import Message, settle_duplicates, settle_failed, settle_stored
 from ingest.metrics import Metrics
 from ingest.store import Store
 
@@ -108,5 +108,8 @@ class ConsumerThread(threading.Thread):
             self._metrics.message_latency.observe(committed - received_at, count)
         self._metrics.stored.inc(len(result.stored))
         settle_stored(result.stored)
+        if result.duplicates:
+            self._metrics.duplicates.inc(len(result.duplicates))
+            settle_duplicates(result.duplicates)
         for message, error in result.dead:
             settle_failed([message], f"refused by the database: {error}")

@@ -25,34 +25,40 @@ class Ack:
     cancel it under a consumer that is about to settle it.
     """
 
-    __slots__ = ("_failed", "_first_error", "_lock", "_pending", "_stored", "future")
+    __slots__ = ("_duplicates", "_failed", "_first_error", "_lock", "_pending", "_stored", "future")
 
     def __init__(self, count: int) -> None:
-        self.future: Future[int] = Future()
+        self.future: Future[tuple[int, int]] = Future()  # (stored, duplicates)
         self.future.set_running_or_notify_cancel()
         self._lock = threading.Lock()  # consumers settle parts of one request concurrently
         self._pending = count
         self._stored = 0
+        self._duplicates = 0
         self._failed = 0
         self._first_error = ""
 
     def stored(self, count: int) -> None:
-        self._settle(stored=count, failed=0, error="")
+        self._settle(stored=count)
+
+    def duplicate(self, count: int) -> None:
+        """Already in the database under the same identity: accounted for, not stored again."""
+        self._settle(duplicates=count)
 
     def failed(self, count: int, error: str) -> None:
-        self._settle(stored=0, failed=count, error=error)
+        self._settle(failed=count, error=error)
 
-    def _settle(self, *, stored: int, failed: int, error: str) -> None:
+    def _settle(self, *, stored: int = 0, duplicates: int = 0, failed: int = 0, error: str = "") -> None:
         with self._lock:
             if self._pending <= 0:
                 # Already settled: a batch handed back by a dying consumer after part of it
                 # was stored comes round again. The client has its answer; count nothing twice.
                 return
             self._stored += stored
+            self._duplicates += duplicates
             self._failed += failed
             if error and not self._first_error:
                 self._first_error = error
-            self._pending = max(0, self._pending - stored - failed)
+            self._pending = max(0, self._pending - stored - duplicates - failed)
             done = self._pending == 0
         if not done:
             return
@@ -61,28 +67,41 @@ class Ack:
                 WriteFailed(self._first_error, stored=self._stored, failed=self._failed)
             )
         else:
-            self.future.set_result(self._stored)
+            self.future.set_result((self._stored, self._duplicates))
 
 
 class Message:
     """One accepted message: the JSON text of an object, as received; `received_at` is epoch
-    seconds at the listener. Text, not a dict: smaller in the buffer, and never re-encoded."""
+    seconds at the listener. Text, not a dict: smaller in the buffer, and never re-encoded.
 
-    __slots__ = ("ack", "received_at", "text")
+    `ident` is its identity (identity.py). `known` is False only for a generated identity seen
+    for the first time, which no stored row can have: the store may then skip the duplicate check.
+    """
 
-    def __init__(self, text: str, received_at: float, ack: Ack | None = None) -> None:
+    __slots__ = ("ack", "ident", "known", "received_at", "text")
+
+    def __init__(
+        self, text: str, received_at: float, ack: Ack | None = None, *, ident: str, known: bool = True
+    ) -> None:
         self.text = text
         self.received_at = received_at
         self.ack = ack
+        self.ident = ident
+        self.known = known
 
     def __repr__(self) -> str:
-        return f"Message(received_at={self.received_at:.6f}, ack={self.ack is not None})"
+        return f"Message({self.ident}, received_at={self.received_at:.6f}, ack={self.ack is not None})"
 
 
 def settle_stored(batch: list[Message]) -> None:
     """Tell every waiting client how many of its messages this commit stored."""
     for ack, count in _count_by_ack(batch).items():
         ack.stored(count)
+
+
+def settle_duplicates(batch: list[Message]) -> None:
+    for ack, count in _count_by_ack(batch).items():
+        ack.duplicate(count)
 
 
 def settle_failed(batch: list[Message], error: str) -> None:

@@ -32,6 +32,9 @@ class Metrics:
             "ingest_messages_received", "Messages accepted into the buffer", registry=r
         )
         self.stored = Counter("ingest_messages_stored", "Messages committed to the database", registry=r)
+        self.duplicates = Counter(
+            "ingest_messages_duplicate", "Messages not stored again: their identity was already stored", registry=r
+        )
         self.rejected = Counter(
             "ingest_messages_rejected",
             "Messages refused at the door (1 per request when the body could not be split)",

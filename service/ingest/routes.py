@@ -21,6 +21,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from ingest.buffer import Buffer
 from ingest.decoding import decode, decompress
 from ingest.errors import Backpressure, Invalid, Rejected, ShuttingDown, TooLarge
+from ingest.identity import IDEMPOTENCY_HEADER, Generator, checked_key, from_field, from_key
 from ingest.messages import Ack, Message, WriteFailed
 from ingest.metrics import Metrics
 
@@ -37,6 +38,8 @@ class RouteConfig:
     enqueue_timeout_s: float
     max_body_bytes: int
     default_ack: str
+    id_field: str | None
+    identities: Generator
     is_stopping: Callable[[], bool]
     is_healthy: Callable[[], bool]
     is_ready: Callable[[], bool]
@@ -98,15 +101,30 @@ async def post_messages(request: web.Request) -> web.Response:
         decompress(raw, request.headers.get("Content-Encoding", ""), config.max_body_bytes),
         request.headers.get("Content-Type", ""),
     )
+    idents, known = _identities(config, request, texts)
     ack = Ack(len(texts)) if ack_mode == "commit" else None
     received_at = time.time()
-    batch = [Message(text, received_at, ack) for text in texts]
+    batch = [
+        Message(text, received_at, ack, ident=ident, known=known) for text, ident in zip(texts, idents, strict=True)
+    ]
     await _enqueue(config, batch)
     config.metrics.received.inc(len(batch))
     if ack is None:
         return _json_reply(202, f'{{"accepted": {len(batch)}}}')
-    stored = await asyncio.wrap_future(ack.future)
-    return _json_reply(201, f'{{"stored": {stored}}}')
+    stored, duplicates = await asyncio.wrap_future(ack.future)
+    return _json_reply(201, f'{{"stored": {stored}, "duplicates": {duplicates}}}')
+
+
+def _identities(config: RouteConfig, request: web.Request, texts: list[str]) -> tuple[list[str], bool]:
+    """Each message's identity, and whether it may be stored already (not if freshly generated)."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None:
+        key = checked_key(key)  # checked even where --id-field decides: a bad key is a client bug
+    if config.id_field is not None:
+        return from_field(texts, config.id_field), True
+    if key is not None:
+        return from_key(key, len(texts)), True
+    return config.identities.take(len(texts)), False
 
 
 def _json_reply(status: int, text: str) -> web.Response:

@@ -20,6 +20,7 @@ from ingest.buffer import Buffer
 from ingest.config import Settings
 from ingest.consumers import ConsumerThread
 from ingest.errors import StartupError
+from ingest.identity import Generator
 from ingest.listener import ListenerThread
 from ingest.messages import settle_failed
 from ingest.metrics import Metrics
@@ -80,6 +81,8 @@ class Service:
             enqueue_timeout_s=self.settings.enqueue_timeout_s,
             max_body_bytes=self.settings.max_body_bytes,
             default_ack=self.settings.ack,
+            id_field=self.settings.id_field,
+            identities=Generator(),
             is_stopping=self.shutdown.stopping.is_set,
             is_healthy=self.healthy,
             is_ready=self.ready,

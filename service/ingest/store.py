@@ -5,6 +5,11 @@
 - Permanent errors (the database refuses some message) are isolated by splitting the batch in
   halves; the refused messages go to `dead_letters` with their error, the rest are stored.
 - Anything else is not ours to judge: it propagates to the consumer's error policy.
+
+Each message has an identity (identity.py) under a unique index. A batch of identities never
+seen before takes the fast path (a plain COPY or executemany). Any other batch, or a fast batch
+the database refused, goes through the duplicate-skipping path, which stores only identities not
+stored yet and reports which were: a retried request or a batch written twice stores nothing twice.
 """
 
 from __future__ import annotations
@@ -60,9 +65,15 @@ def classify(exc: BaseException) -> type[TransientStoreError] | type[PermanentSt
     return None
 
 
+# An insert writes the batch in the caller's transaction and returns the identities it stored,
+# or None when it stored them all.
+Insert = Callable[[Connection, list[Message]], "set[str] | None"]
+
+
 @dataclass
 class WriteResult:
     stored: list[Message] = field(default_factory=list)
+    duplicates: list[Message] = field(default_factory=list)
     dead: list[tuple[Message, str]] = field(default_factory=list)
 
 
@@ -89,9 +100,9 @@ class Store:
         self._metrics = metrics
         self._hard_stop = hard_stop
         self._backoff = backoff or Backoff()
-        self._insert: Callable[[Connection, list[Message]], None] = (
-            _copy_messages if pool.dialect == "postgresql" else _insert_messages
-        )
+        postgres = pool.dialect == "postgresql"
+        self._insert_new: Insert = _copy_messages if postgres else _insert_messages
+        self._insert_skipping: Insert = _copy_skipping_known if postgres else _insert_skipping_known
         self.reachable = True  # last word from the database; read by /readyz
 
     def __repr__(self) -> str:
@@ -116,12 +127,19 @@ class Store:
         Raises TransientStoreError only when the drain deadline stops the retries.
         """
         result = WriteResult()
+        if not any(m.known for m in batch):
+            try:
+                self._retrying(self._insert_new, batch)
+                result.stored.extend(batch)
+                return result
+            except PermanentStoreError:
+                pass  # maybe a duplicate after all (a batch handed back): the careful path decides
         self._write_isolating(batch, result)
         return result
 
     def _write_isolating(self, batch: list[Message], result: WriteResult) -> None:
         try:
-            self._retrying(self._insert, batch)
+            inserted = self._retrying(self._insert_skipping, batch)
         except PermanentStoreError as exc:
             if len(batch) == 1:
                 self._dead_letter(batch[0], str(exc))
@@ -131,18 +149,18 @@ class Store:
             self._write_isolating(batch[:middle], result)
             self._write_isolating(batch[middle:], result)
             return
-        result.stored.extend(batch)
+        _sort_out(batch, inserted, result)
 
-    def _retrying(self, insert_fn: Callable[[Connection, list[Message]], None], batch: list[Message]) -> None:
+    def _retrying(self, insert_fn: Insert, batch: list[Message]) -> set[str] | None:
         attempt = 0
         while True:
             try:
                 started = time.perf_counter()
                 with self._pool.connection() as conn:
-                    self._in_transaction(conn, insert_fn, batch)
+                    inserted = self._in_transaction(conn, insert_fn, batch)
                 self._metrics.db_write_seconds.observe(time.perf_counter() - started)
                 self.reachable = True
-                return
+                return inserted
             except Exception as exc:
                 kind = classify(exc)
                 if kind is None:
@@ -161,12 +179,10 @@ class Store:
                     raise TransientStoreError(f"drain deadline passed while retrying: {_first_line(exc)}") from exc
 
     @staticmethod
-    def _in_transaction(
-        conn: Connection, insert_fn: Callable[[Connection, list[Message]], None], batch: list[Message]
-    ) -> None:
+    def _in_transaction(conn: Connection, insert_fn: Insert, batch: list[Message]) -> set[str] | None:
         try:
             with conn.begin():
-                insert_fn(conn, batch)
+                return insert_fn(conn, batch)
         except Exception as exc:
             if classify(exc) is TransientStoreError:
                 # COPY runs on the driver's connection, so SQLAlchemy may not know it broke:
@@ -180,10 +196,24 @@ class Store:
                 insert(dead_letters),
                 [{"received_at": _utc(m.received_at), "payload": m.text, "error": error} for m in batch],
             )
+            return None
 
         self._retrying(insert_dead, [message])
         self._metrics.dead_lettered.inc()
         log.error("message dead-lettered: %s", error)
+
+
+def _sort_out(batch: list[Message], inserted: set[str] | None, result: WriteResult) -> None:
+    """Stored or duplicate, by identity; of two messages with one identity, the first is stored."""
+    if inserted is None:
+        result.stored.extend(batch)
+        return
+    for message in batch:
+        if message.ident in inserted:
+            inserted.discard(message.ident)
+            result.stored.append(message)
+        else:
+            result.duplicates.append(message)
 
 
 def _utc(epoch_s: float) -> datetime:
@@ -192,8 +222,22 @@ def _utc(epoch_s: float) -> datetime:
 
 # SQLAlchemy's DateTime stores SQLite timestamps as this text; write the same, so Core reads them.
 _SQLITE_STAMP = "%Y-%m-%d %H:%M:%S.%f"
-_INSERT_SQLITE = f"INSERT INTO {messages.name} (received_at, payload) VALUES (?, ?)"
-_COPY_POSTGRES = f"COPY {messages.name} (received_at, payload) FROM STDIN"
+_INSERT_SQLITE = f"INSERT INTO {messages.name} (received_at, payload, ident) VALUES (?, ?, ?)"
+_INSERT_SQLITE_SKIPPING = _INSERT_SQLITE + " ON CONFLICT (ident) DO NOTHING RETURNING ident"
+_COPY_POSTGRES = f"COPY {messages.name} (received_at, payload, ident) FROM STDIN"
+# The careful path: COPY into a per-connection temporary table, then one INSERT that skips
+# identities already stored and returns the ones it stored.
+_INCOMING = "ingest_incoming"
+_CREATE_INCOMING = (
+    f"CREATE TEMPORARY TABLE IF NOT EXISTS {_INCOMING} "
+    "(received_at timestamptz, payload text, ident text) ON COMMIT DELETE ROWS"
+)
+_COPY_INCOMING = f"COPY {_INCOMING} (received_at, payload, ident) FROM STDIN"
+_INSERT_FROM_INCOMING = (
+    f"INSERT INTO {messages.name} (received_at, payload, ident) "
+    f"SELECT received_at, payload::jsonb, ident FROM {_INCOMING} "
+    "ON CONFLICT (ident) DO NOTHING RETURNING ident"
+)
 # COPY's text format gives backslash, tab, newline and CR a meaning; JSON text may hold them
 # (a raw tab or CR only as whitespace between tokens), so escape them.
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -218,19 +262,49 @@ def _stamps(batch: list[Message], render: Callable[[datetime], str]) -> list[str
     return out
 
 
+def _sqlite_rows(batch: list[Message]) -> list[tuple[str, str, str]]:
+    stamps = _stamps(batch, lambda moment: moment.strftime(_SQLITE_STAMP))
+    return [(stamp, m.text, m.ident) for stamp, m in zip(stamps, batch, strict=True)]
+
+
 def _insert_messages(conn: Connection, batch: list[Message]) -> None:
     """SQLite: one executemany of the JSON text as received (the payload column is text)."""
-    stamps = _stamps(batch, lambda moment: moment.strftime(_SQLITE_STAMP))
-    conn.exec_driver_sql(_INSERT_SQLITE, [(stamp, m.text) for stamp, m in zip(stamps, batch, strict=True)])
+    conn.exec_driver_sql(_INSERT_SQLITE, _sqlite_rows(batch))
+
+
+def _insert_skipping_known(conn: Connection, batch: list[Message]) -> set[str]:
+    """SQLite: a row at a time, because RETURNING does not work with executemany."""
+    inserted: set[str] = set()
+    for row in _sqlite_rows(batch):
+        inserted.update(r[0] for r in conn.exec_driver_sql(_INSERT_SQLITE_SKIPPING, row))
+    return inserted
+
+
+def _copy_data(batch: list[Message]) -> str:
+    stamps = _stamps(batch, datetime.isoformat)
+    # Identities are printable ASCII without backslash-escapes to worry about, except a key's
+    # backslash: escape them like the text.
+    return "".join(
+        f"{stamp}\t{_copy_escape(m.text)}\t{_copy_escape(m.ident)}\n" for stamp, m in zip(stamps, batch, strict=True)
+    )
 
 
 def _copy_messages(conn: Connection, batch: list[Message]) -> None:
     """Postgres: COPY in text format, the fastest bulk path measured (see bench/)."""
     raw: Any = conn.connection.driver_connection
-    stamps = _stamps(batch, datetime.isoformat)
-    data = "".join(f"{stamp}\t{_copy_escape(m.text)}\n" for stamp, m in zip(stamps, batch, strict=True))
     with raw.cursor() as cursor, cursor.copy(_COPY_POSTGRES) as copy:
-        copy.write(data)
+        copy.write(_copy_data(batch))
+
+
+def _copy_skipping_known(conn: Connection, batch: list[Message]) -> set[str]:
+    """Postgres: COPY into the temporary table, then INSERT ... ON CONFLICT DO NOTHING."""
+    raw: Any = conn.connection.driver_connection
+    with raw.cursor() as cursor:
+        cursor.execute(_CREATE_INCOMING)
+        with cursor.copy(_COPY_INCOMING) as copy:
+            copy.write(_copy_data(batch))
+        cursor.execute(_INSERT_FROM_INCOMING)
+        return {row[0] for row in cursor.fetchall()}
 
 
 def _first_line(exc: BaseException) -> str:

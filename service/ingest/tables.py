@@ -11,6 +11,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Identity,
+    Index,
     Integer,
     MetaData,
     Table,
@@ -39,6 +40,10 @@ messages = Table(
     Column("received_at", DateTime(timezone=True), nullable=False),
     Column("stored_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("payload", JSON().with_variant(JSONB(), "postgresql"), nullable=False),
+    # The message's identity, given at acceptance (identity.py): writes skip one already stored,
+    # so a retried request or a re-sent batch is stored once. NULL only in rows older than 0002.
+    Column("ident", Text(), nullable=True),
+    Index("uq_messages_ident", "ident", unique=True),
 )
 
 dead_letters = Table(
