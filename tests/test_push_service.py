@@ -51,3 +51,27 @@ def test_push_exits_1_when_messages_are_refused_and_0_when_all_are_acknowledged(
     accepted = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
     assert "acknowledged  10" in accepted.stdout
+
+
+def test_push_idempotent_retries_timeouts_and_stores_each_message_once(make_service, make_engine, sqlite_url) -> None:
+    """A stalled database makes ack=commit requests time out while their messages wait in the
+    queue; the keys let push send them again, and the service stores each message once."""
+    service = make_service(consumers=1, batch_size=50)
+    engine = make_engine(sqlite_url)
+    lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    results: list[PushSummary] = []
+    options = PushOptions(url=service.url, count=200, batch=50, concurrency=4, ack="commit",
+                          request_timeout_s=0.5, idempotent=True)
+    pusher = threading.Thread(target=lambda: results.append(run(options)), name="push")
+    pusher.start()
+    wait_until(lambda: metric(service, "ingest_messages_received_total") >= 400, 30,
+               what="every request sent at least twice (timeouts retried)")
+    lock.execute("ROLLBACK")
+    lock.close()
+    pusher.join(120)
+    [summary] = results
+    assert summary.ok and summary.acknowledged == 200 and summary.retried >= 4, summary.format()
+    wait_until(lambda: metric(service, "ingest_messages_duplicate_total") >= 200, 30,
+               what="the retried copies found as duplicates")
+    assert count_rows(engine) == 200

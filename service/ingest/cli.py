@@ -158,6 +158,9 @@ def db_upgrade(db_url: str) -> None:
 @click.option("--burst", type=int, default=0, show_default=True, help="Extra messages sent at once each second.")
 @click.option("--ack", type=click.Choice(["enqueue", "commit"]), default="enqueue", show_default=True)
 @click.option("--gzip/--no-gzip", "gzip", default=False, help="Compress request bodies.")
+@click.option("--idempotent/--no-idempotent", "idempotent", default=False,
+              help="Send an Idempotency-Key with every request, so that no retry stores a message twice; "
+                   "requests that time out are then retried too.")
 def push(**values: Any) -> None:
     """Push generated messages at a running service; exit 1 if any was not acknowledged."""
     from ingest import push as pusher

@@ -12,6 +12,7 @@ import gzip as gzip_codec
 import json
 import math
 import random
+import uuid
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class PushOptions:
     request_timeout_s: float = 60.0
     max_attempts: int = 50
     gzip: bool = False
+    idempotent: bool = False  # an Idempotency-Key on every request, so any retry is safe
 
     def __post_init__(self) -> None:
         problem = _problem(self)
@@ -212,6 +214,7 @@ class _Push:
         # stop instead of letting every remaining request spend its own max_attempts.
         self.gone: str | None = None
         self.random = random.Random()
+        self.run_id = uuid.uuid4().hex[:12]  # with `idempotent`: the requests' keys are this run's
 
     def __repr__(self) -> str:
         s = self.summary
@@ -253,6 +256,9 @@ class _Push:
         """Send one request until it is acknowledged, finally refused, or out of attempts."""
         o = self.options
         body = encode_body(first, size, ndjson=self.ndjson, gzip=o.gzip, now=datetime.now(UTC))
+        headers = self.headers
+        if o.idempotent:
+            headers = {**headers, "Idempotency-Key": f"push-{self.run_id}-{first}"}
         self.summary.sent += size
         outcome = _Outcome("not sent")
         for attempt in range(1, o.max_attempts + 1):
@@ -261,7 +267,7 @@ class _Push:
                 if self.gone is not None:
                     return self._fail(size, self.gone)
                 self.summary.retried += 1
-            outcome = await self._attempt(session, body, attempt)
+            outcome = await self._attempt(session, body, headers, attempt)
             if outcome.error is None:
                 return self._acknowledge(size, outcome.latency_s)
             if outcome.retry_in_s is None:
@@ -271,13 +277,18 @@ class _Push:
             self.gone = error
         self._fail(size, error)
 
-    async def _attempt(self, session: aiohttp.ClientSession, body: bytes, attempt: int) -> _Outcome:
+    async def _attempt(
+        self, session: aiohttp.ClientSession, body: bytes, headers: dict[str, str], attempt: int
+    ) -> _Outcome:
         """One POST, classified: acknowledged, worth retrying after a wait, or a final failure."""
         try:
-            reply = await self._post(session, body)
+            reply = await self._post(session, body, headers)
         except TimeoutError:
+            error = f"no reply within {self.options.request_timeout_s:g} s"
+            if self.options.idempotent:  # the key makes a second copy impossible: try again
+                return _Outcome(error, backoff_s(attempt, self.random.random()))
             # The service may still take it: a retry could duplicate, an ack would be a guess.
-            return _Outcome(f"no reply within {self.options.request_timeout_s:g} s")
+            return _Outcome(error)
         except aiohttp.ClientConnectionError as exc:
             error = describe_connection_error(exc)
             self._give_up_if_unreachable(attempt, error)
@@ -290,10 +301,10 @@ class _Push:
         error = describe_response(reply.status, reply.body)
         return _Outcome(error, retry_after_s(reply.retry_after) if reply.status == 503 else None)
 
-    async def _post(self, session: aiohttp.ClientSession, body: bytes) -> _Reply:
+    async def _post(self, session: aiohttp.ClientSession, body: bytes, headers: dict[str, str]) -> _Reply:
         loop = asyncio.get_running_loop()
         started_s = loop.time()
-        async with session.post(self.url, data=body, headers=self.headers) as response:
+        async with session.post(self.url, data=body, headers=headers) as response:
             content = await response.read()
             retry_after = response.headers.get("Retry-After")
             return _Reply(response.status, retry_after, content, loop.time() - started_s)
