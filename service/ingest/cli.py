@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ingest import migrate
 from ingest.config import Settings, load_config_file, mask_url
-from ingest.errors import ConfigError, IngestError
+from ingest.errors import ConfigError, IngestError, SpoolError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -67,6 +67,13 @@ SETTINGS_OPTIONS: list[Decorator] = [
             help="Default acknowledgement: enqueue (202) or commit (201 after the commit)."),
     _option("--max-body-bytes", "max_body_bytes", envvar="INGEST_MAX_BODY_BYTES", type=int,
             default=_DEFAULTS.max_body_bytes, help="Largest request body, also after decompression."),
+    _option("--spool", "spool", envvar="INGEST_SPOOL", default=None,
+            help="A spool file (SQLite): reply 202 only once a request is on disk here, and absorb bursts "
+                 "larger than the queue. Default: no spool, 202 means in memory."),
+    _option("--spool-sync", "spool_sync", envvar="INGEST_SPOOL_SYNC", default=_DEFAULTS.spool_sync,
+            help="full: a 202 survives a power cut (fsync each commit); normal: it survives the process dying."),
+    _option("--spool-max-bytes", "spool_max_bytes", envvar="INGEST_SPOOL_MAX_BYTES", type=int,
+            default=_DEFAULTS.spool_max_bytes, help="Bound of the spool; when full, requests get 503."),
     _option("--id-field", "id_field", envvar="INGEST_ID_FIELD", default=None,
             help="A field of every message that is its identity: a message whose identity is stored is "
                  "not stored again. Default: each message gets a new identity (or one from the "
@@ -147,6 +154,28 @@ def db_upgrade(db_url: str) -> None:
     except SQLAlchemyError as exc:
         _fail(f"cannot migrate {mask_url(db_url)}: {str(getattr(exc, 'orig', exc)).splitlines()[0]}", EXIT_FAILURE)
     click.echo(f"{mask_url(db_url)}: {before or 'empty'} -> {after}")
+
+
+@main.group("spool")
+def spool_group() -> None:
+    """Inspect a spool file."""
+
+
+@spool_group.command("status")
+@click.option("--spool", "spool_path", envvar="INGEST_SPOOL", show_envvar=True, required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The spool file of `ingest serve --spool`.")
+def spool_status(spool_path: Path) -> None:
+    """Messages waiting in a spool and the age of the oldest, without starting the service."""
+    from ingest import spool
+
+    try:
+        conn = spool.open_spool(spool_path, create=False, writable=False)
+    except SpoolError as exc:
+        _fail(str(exc), EXIT_FAILURE)
+    try:
+        click.echo(spool.status(conn).format(spool_path))
+    finally:
+        conn.close()
 
 
 @main.command()

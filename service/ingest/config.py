@@ -19,6 +19,7 @@ from sqlalchemy.exc import ArgumentError
 from ingest.errors import ConfigError
 
 ACK_MODES = ("enqueue", "commit")
+SPOOL_SYNC_MODES = ("full", "normal")
 SUPPORTED_DRIVERS = {"sqlite": ("", "pysqlite"), "postgresql": ("psycopg",)}
 
 
@@ -39,6 +40,9 @@ class Settings:
     ack: str = "enqueue"
     max_body_bytes: int = 1024 * 1024
     id_field: str | None = None
+    spool: str | None = None
+    spool_sync: str = "full"
+    spool_max_bytes: int = 1024**3
     migrate: bool = True
     log_level: str = "info"
 
@@ -58,7 +62,7 @@ class Settings:
 
     def validate(self) -> None:
         _check_port(self.port)
-        for name in ("consumers", "queue_size", "batch_size", "pool_size", "max_body_bytes"):
+        for name in ("consumers", "queue_size", "batch_size", "pool_size", "max_body_bytes", "spool_max_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("enqueue_timeout_s", "batch_linger_s", "drain_timeout_s"):
@@ -69,6 +73,10 @@ class Settings:
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         check_db_url(self.db_url)
+        if self.spool_sync not in SPOOL_SYNC_MODES:
+            raise ConfigError(f"spool_sync must be one of {', '.join(SPOOL_SYNC_MODES)}, got {self.spool_sync!r}")
+        if self.spool is not None and not self.spool.strip():
+            raise ConfigError("spool must be a file path, got an empty one")
         if self.id_field is not None and not self.id_field.strip():
             raise ConfigError("id_field must name a field of the messages, got an empty name")
 

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from ingest.buffer import Buffer
 from ingest.errors import IngestError, TransientStoreError
@@ -38,6 +39,7 @@ class ConsumerThread(threading.Thread):
         hard_stop: threading.Event,
         startup: threading.Barrier | None = None,
         idle_wait_s: float = 0.5,
+        on_settled: Callable[[list[Message]], None] | None = None,
     ) -> None:
         super().__init__(name=name, daemon=False)
         self._buffer = buffer
@@ -48,6 +50,7 @@ class ConsumerThread(threading.Thread):
         self._hard_stop = hard_stop
         self._startup = startup
         self._idle_wait_s = idle_wait_s
+        self._on_settled = on_settled  # told of messages now in the database (the spool deletes them)
         self.startup_error: str | None = None
         self.finished = False  # True when run() returned on purpose, not by dying
         self._held: list[Message] = []
@@ -113,3 +116,5 @@ class ConsumerThread(threading.Thread):
             settle_duplicates(result.duplicates)
         for message, error in result.dead:
             settle_failed([message], f"refused by the database: {error}")
+        if self._on_settled is not None:
+            self._on_settled(batch)

@@ -81,6 +81,16 @@ class ShuttingDown(Backpressure):
     reason = "shutting_down"
 
 
+class SpoolFull(Backpressure):
+    reason = "spool_full"
+
+
+class SpoolUnavailable(Backpressure):
+    """The spool could not commit the request (a full disk, an I/O error): try again later."""
+
+    reason = "spool_error"
+
+
 class StoreError(IngestError):
     """A batch could not be written."""
 
@@ -91,6 +101,10 @@ class TransientStoreError(StoreError):
 
 class PermanentStoreError(StoreError):
     """The database refuses the data itself; retrying cannot help."""
+
+
+class SpoolError(IngestError):
+    """The spool file cannot be used: damaged, foreign, or written by another format version."""
 
 
 class StartupError(IngestError):

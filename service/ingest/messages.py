@@ -37,6 +37,11 @@ class Ack:
         self._failed = 0
         self._first_error = ""
 
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return self._pending
+
     def stored(self, count: int) -> None:
         self._settle(stored=count)
 
@@ -78,16 +83,24 @@ class Message:
     for the first time, which no stored row can have: the store may then skip the duplicate check.
     """
 
-    __slots__ = ("ack", "ident", "known", "received_at", "text")
+    __slots__ = ("ack", "ident", "known", "received_at", "seq", "text")
 
     def __init__(
-        self, text: str, received_at: float, ack: Ack | None = None, *, ident: str, known: bool = True
+        self,
+        text: str,
+        received_at: float,
+        ack: Ack | None = None,
+        *,
+        ident: str,
+        known: bool = True,
+        seq: int | None = None,
     ) -> None:
         self.text = text
         self.received_at = received_at
         self.ack = ack
         self.ident = ident
         self.known = known
+        self.seq = seq  # its place in the spool, when there is one: it leaves once stored
 
     def __repr__(self) -> str:
         return f"Message({self.ident}, received_at={self.received_at:.6f}, ack={self.ack is not None})"
@@ -102,6 +115,12 @@ def settle_stored(batch: list[Message]) -> None:
 def settle_duplicates(batch: list[Message]) -> None:
     for ack, count in _count_by_ack(batch).items():
         ack.duplicate(count)
+
+
+def settle_failed_acks(acks: list[Ack], error: str) -> None:
+    """Fail requests as a whole: their messages were never handed to a consumer."""
+    for ack in acks:
+        ack.failed(ack.pending, error)
 
 
 def settle_failed(batch: list[Message], error: str) -> None:

@@ -11,7 +11,7 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-REJECT_REASONS = ("invalid", "too_large", "unsupported", "queue_full", "shutting_down")
+REJECT_REASONS = ("invalid", "too_large", "unsupported", "queue_full", "shutting_down", "spool_full", "spool_error")
 HTTP_CODES = ("200", "201", "202", "400", "404", "405", "413", "415", "500", "503")
 THREADS = ("listener", "other")
 
@@ -32,6 +32,11 @@ class Metrics:
             "ingest_messages_received", "Messages accepted into the buffer", registry=r
         )
         self.stored = Counter("ingest_messages_stored", "Messages committed to the database", registry=r)
+        self.spool_messages = Gauge("ingest_spool_messages", "Messages in the spool, not yet stored", registry=r)
+        self.spool_bytes = Gauge("ingest_spool_bytes", "Bytes of the messages in the spool", registry=r)
+        self.spool_capacity_bytes = Gauge(
+            "ingest_spool_capacity_bytes", "The spool's bound in bytes (0: no spool)", registry=r
+        )
         self.duplicates = Counter(
             "ingest_messages_duplicate", "Messages not stored again: their identity was already stored", registry=r
         )

@@ -24,6 +24,7 @@ from ingest.errors import Backpressure, Invalid, Rejected, ShuttingDown, TooLarg
 from ingest.identity import IDEMPOTENCY_HEADER, Generator, checked_key, from_field, from_key
 from ingest.messages import Ack, Message, WriteFailed
 from ingest.metrics import Metrics
+from ingest.spool_writer import SpoolWriter
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class RouteConfig:
     default_ack: str
     id_field: str | None
     identities: Generator
+    spool: SpoolWriter | None
     is_stopping: Callable[[], bool]
     is_healthy: Callable[[], bool]
     is_ready: Callable[[], bool]
@@ -144,7 +146,11 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 
 async def _enqueue(config: RouteConfig, batch: list[Message]) -> None:
-    """Put without waiting when there is room; otherwise wait on the executor, not the loop."""
+    """Into the spool (answered once on disk), or into the buffer: without waiting when there is
+    room, otherwise waiting on the executor, not the loop."""
+    if config.spool is not None:
+        await asyncio.wrap_future(config.spool.submit(batch))
+        return
     if config.buffer.try_put_all(batch):
         return
     deadline = time.monotonic() + config.enqueue_timeout_s

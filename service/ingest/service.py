@@ -1,9 +1,11 @@
 """The Service: builds every stage from Settings, wires them, starts and stops them in order.
 
-Start: migrate → consumers check the database and meet at a Barrier → listener binds → ready.
+Start: open the spool (if any) → migrate → consumers check the database and meet at a Barrier →
+       spool writer and feeder start → listener binds → ready.
 Run:   the main thread waits on the `stopping` Event and, between waits, replaces dead threads.
-Stop:  refuse new requests (503) → close the buffer → consumers drain and commit (bounded by
-       the drain deadline) → listener finishes in-flight responses → pool closes.
+Stop:  refuse new requests (503) → the spool commits what it was handed and the feeder feeds all
+       of it → close the buffer → consumers drain and commit (bounded by the drain deadline) →
+       the spool deletes what was stored → listener finishes in-flight responses → pool closes.
 """
 
 from __future__ import annotations
@@ -13,20 +15,23 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import TracebackType
 
 from ingest import migrate
 from ingest.buffer import Buffer
 from ingest.config import Settings
 from ingest.consumers import ConsumerThread
-from ingest.errors import StartupError
+from ingest.errors import SpoolError, StartupError
 from ingest.identity import Generator
 from ingest.listener import ListenerThread
-from ingest.messages import settle_failed
+from ingest.messages import settle_failed, settle_failed_acks
 from ingest.metrics import Metrics
 from ingest.pool import ConnectionPool
 from ingest.routes import RouteConfig, make_app
 from ingest.shutdown import Shutdown
+from ingest.spool_feeder import SpoolFeeder
+from ingest.spool_writer import SpoolWriter
 from ingest.store import Store
 from ingest.supervisor import Supervisor
 
@@ -34,7 +39,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_DRAIN_TIMEOUT = 3  # the drain deadline passed: some accepted messages were not stored
-EXIT_LISTENER_DIED = 4
+EXIT_LISTENER_DIED = 4  # the listener, the spool writer or the spool feeder died
 
 STARTUP_TIMEOUT_S = 30.0
 CHECK_INTERVAL_S = 0.5
@@ -50,6 +55,10 @@ class Service:
         self.buffer = Buffer(settings.queue_size)
         self.pool = ConnectionPool(settings.db_url, settings.pool_size)
         self.store = Store(self.pool, self.metrics, self.shutdown.hard_stop)
+        self.spool: SpoolWriter | None = None
+        if settings.spool is not None:
+            self.spool = SpoolWriter(Path(settings.spool), sync=settings.spool_sync, max_bytes=settings.spool_max_bytes)
+        self.feeder: SpoolFeeder | None = None
         self.supervisor = Supervisor(
             self._make_consumer,
             self.metrics.thread_errors,
@@ -83,6 +92,7 @@ class Service:
             default_ack=self.settings.ack,
             id_field=self.settings.id_field,
             identities=Generator(),
+            spool=self.spool,
             is_stopping=self.shutdown.stopping.is_set,
             is_healthy=self.healthy,
             is_ready=self.ready,
@@ -97,6 +107,11 @@ class Service:
         m.pool_waiting.set_function(lambda: self.pool.waiting)
         m.consumers_alive.set_function(self.supervisor.alive)
         m.consumers_configured.set(self.settings.consumers)
+        if self.spool is not None:
+            spool = self.spool
+            m.spool_messages.set_function(lambda: spool.messages)
+            m.spool_bytes.set_function(lambda: spool.bytes)
+            m.spool_capacity_bytes.set(spool.max_bytes)
 
     def _make_consumer(self, name: str, startup: threading.Barrier | None = None) -> ConsumerThread:
         return ConsumerThread(
@@ -108,6 +123,7 @@ class Service:
             linger_s=self.settings.batch_linger_s,
             hard_stop=self.shutdown.hard_stop,
             startup=startup,
+            on_settled=self.spool.forget if self.spool is not None else None,
         )
 
     def healthy(self) -> bool:
@@ -122,14 +138,36 @@ class Service:
         """Return once the whole pipeline works and the port is bound; StartupError otherwise."""
         self.supervisor.install()
         try:
+            self._open_spool()
             self._migrate()
             self._start_consumers()
+            self._start_spool()
             self._start_listener()
         except BaseException:
             self.stop()
             raise
         self._ready.set()
         log.info("ingest ready on %s (%s, %d consumers)", self.url, self.pool.dialect, self.settings.consumers)
+
+    def _open_spool(self) -> None:
+        if self.spool is None:
+            return
+        try:
+            found = self.spool.open()
+        except SpoolError as exc:
+            raise StartupError(str(exc)) from None
+        if found.messages:
+            log.info("spool %s: recovered %d message(s) from a previous run; storing them first",
+                     self.spool.path, found.messages)
+
+    def _start_spool(self) -> None:
+        if self.spool is None:
+            return
+        self.spool.start()
+        self.feeder = SpoolFeeder(
+            self.spool, self.buffer, chunk=self.settings.batch_size * 2, hard_stop=self.shutdown.hard_stop
+        )
+        self.feeder.start()
 
     def _migrate(self) -> None:
         """Upgrade the schema (unless --no-migrate), then insist it is the one this code writes."""
@@ -172,8 +210,11 @@ class Service:
         """The main thread's loop until `stopping`; then stop. Returns the exit code."""
         last_probe = time.monotonic()
         while not self.shutdown.stopping.wait(CHECK_INTERVAL_S):
-            if not self.listener.is_alive():
-                log.critical("the listener thread died; shutting down")
+            dead = self._dead_pipeline_thread()
+            if dead is not None:
+                # No replacement: a new listener would need the port, a new spool thread the
+                # state the dead one held. Stop cleanly; a supervisor (Docker) restarts the process.
+                log.critical("the %s thread died; shutting down", dead)
                 self.shutdown.stopping.set()
                 self.stop()
                 return EXIT_LISTENER_DIED
@@ -182,6 +223,13 @@ class Service:
                 self._probe_database()
                 last_probe = time.monotonic()
         return self.stop()
+
+    def _dead_pipeline_thread(self) -> str | None:
+        threads: list[threading.Thread | None] = [self.listener, self.spool, self.feeder]
+        for thread in threads:
+            if thread is not None and thread.ident is not None and not thread.is_alive():
+                return thread.name
+        return None
 
     def _probe_database(self) -> None:
         """Keep /readyz honest while idle: no write would notice the database going away."""
@@ -202,13 +250,16 @@ class Service:
             return EXIT_OK
         self._stopped = True
         self.shutdown.stopping.set()  # new requests get 503 from here on
-        self.buffer.close()  # puts still waiting for room fail with 503; nothing new gets in
         self.shutdown.start_deadline(self.settings.drain_timeout_s)
         code = EXIT_OK
         try:
+            self._finish_feeding()
+            self.buffer.close()  # puts still waiting for room fail with 503; nothing new gets in
             self._join_consumers()
             lost = self._abandon_leftovers()
-            code = EXIT_DRAIN_TIMEOUT if lost or self.shutdown.hard_stop.is_set() else EXIT_OK
+            self._close_spool()
+            spooled = self.spool is not None
+            code = EXIT_DRAIN_TIMEOUT if not spooled and (lost or self.shutdown.hard_stop.is_set()) else EXIT_OK
             self._stop_listener()
         finally:
             self.shutdown.cancel_deadline()
@@ -234,8 +285,34 @@ class Service:
                 return
             pending[0].join(CHECK_INTERVAL_S)
 
+    def _finish_feeding(self) -> None:
+        """With a spool: commit what was handed over, then feed all of it before the buffer closes."""
+        if self.spool is None:
+            return
+        self.spool.stop_accepting()
+        if self.feeder is None or self.feeder.ident is None:
+            return
+        self.feeder.finish()
+        while self.feeder.is_alive():
+            self.supervisor.check()  # consumers must keep making room for the feeder
+            self.feeder.join(CHECK_INTERVAL_S)
+
+    def _close_spool(self) -> None:
+        if self.spool is None or self.spool.ident is None:
+            return
+        self.spool.close()  # after the consumers: their last deletions are committed first
+        self.spool.join()
+        settle_failed_acks(self.spool.orphaned_acks(), "not stored before shutdown; kept in the spool")
+        if self.spool.messages:
+            log.warning("spool %s: %d message(s) stay in the spool; the next start stores them",
+                        self.spool.path, self.spool.messages)
+
     def _abandon_leftovers(self) -> int:
         leftovers = self.buffer.take_all()
+        if leftovers and self.spool is not None:
+            # Not lost: every one of them is still in the spool file.
+            settle_failed(leftovers, "not stored before shutdown; kept in the spool for the next start")
+            return 0
         if leftovers:
             self.metrics.lost.inc(len(leftovers))
             settle_failed(leftovers, "drain deadline passed before this message was stored")

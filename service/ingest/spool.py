@@ -1,0 +1,148 @@
+"""The spool file: accepted messages on local disk until the database has them.
+
+A SQLite file in WAL mode (a real embedded engine, no home-made log format). One table holds the
+messages in acceptance order (`seq`); a `meta` table names the format and its version, so a
+foreign or newer file is refused instead of being reset. Only the spool writer thread writes;
+the feeder reads through a connection of its own.
+
+Opening checks the file before writing anything to it: a damaged, foreign or unknown-version file
+is a SpoolError naming the file and what is wrong, and the file is left as it was.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ingest.errors import SpoolError
+
+FORMAT = "ingest-spool"
+VERSION = 1
+SYNC_MODES = ("full", "normal")
+SQLITE_MAGIC = b"SQLite format 3\x00"
+# What a row costs on disk beyond its text: seq, received_at, flags and page overhead, roughly.
+ROW_OVERHEAD_BYTES = 32
+
+_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE spool (seq INTEGER PRIMARY KEY, ident TEXT NOT NULL, known INTEGER NOT NULL, "
+    "received_at REAL NOT NULL, payload TEXT NOT NULL)",
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    seq: int
+    ident: str
+    known: bool
+    received_at: float
+    payload: str
+
+
+@dataclass(frozen=True)
+class Status:
+    messages: int
+    bytes: int
+    first_seq: int
+    last_seq: int
+    oldest_received_at: float | None
+
+    def format(self, path: Path, now: float | None = None) -> str:
+        age = "-" if self.oldest_received_at is None else f"{(now or time.time()) - self.oldest_received_at:.1f} s"
+        return f"spool    {path}\nmessages {self.messages}\nbytes    {self.bytes}\noldest   {age}"
+
+
+def row_bytes(payload: str, ident: str) -> int:
+    """A message's share of the spool's capacity (its text in UTF-8 is at least this long)."""
+    return len(payload) + len(ident) + ROW_OVERHEAD_BYTES
+
+
+def open_spool(path: Path, sync: str = "full", *, create: bool = True, writable: bool = True) -> sqlite3.Connection:
+    """A checked connection to the spool at `path`, created if missing (and `create`).
+
+    Not `writable`: opened read-only, for looking without changing anything."""
+    if sync not in SYNC_MODES:
+        raise SpoolError(f"spool sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
+    fresh = not path.exists() or path.stat().st_size == 0
+    if fresh and not create:
+        raise SpoolError(f"spool {path}: no such file")
+    if not fresh:
+        _check_header(path)
+    try:
+        target = f"file:{path}?mode=ro" if not writable else str(path)
+        conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, uri=not writable)
+    except sqlite3.Error as exc:
+        raise SpoolError(f"spool {path}: cannot open: {exc}") from None
+    try:
+        if fresh:
+            _create(conn)
+        else:
+            _check_contents(conn, path)
+        if writable:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={sync.upper()}")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise SpoolError(f"spool {path}: {exc}") from None
+    except SpoolError:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_header(path: Path) -> None:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise SpoolError(f"spool {path}: cannot read: {exc.strerror}") from None
+    if head != SQLITE_MAGIC:
+        raise SpoolError(f"spool {path}: not a spool file (not SQLite; is it the right path?)")
+
+
+def _check_contents(conn: sqlite3.Connection, path: Path) -> None:
+    """Read-only checks: integrity, then the format and version the meta table names."""
+    try:
+        verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise SpoolError(f"spool {path}: damaged: {exc}") from None
+    if verdict != "ok":
+        raise SpoolError(f"spool {path}: damaged: {verdict}")
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not {"meta", "spool"} <= tables:
+        raise SpoolError(f"spool {path}: a SQLite file, but not an ingest spool (tables: {', '.join(sorted(tables))})")
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    if meta.get("format") != FORMAT:
+        raise SpoolError(f"spool {path}: not an ingest spool (format {meta.get('format')!r})")
+    version = meta.get("version")
+    if version != str(VERSION):
+        raise SpoolError(
+            f"spool {path}: format version {version}, this ingest reads version {VERSION}; "
+            "drain it with the ingest that wrote it"
+        )
+
+
+def _create(conn: sqlite3.Connection) -> None:
+    with conn:
+        conn.execute("BEGIN")
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [("format", FORMAT), ("version", str(VERSION))])
+
+
+def status(conn: sqlite3.Connection) -> Status:
+    count, size, first, last, oldest = conn.execute(
+        f"SELECT count(*), coalesce(sum(length(payload) + length(ident) + {ROW_OVERHEAD_BYTES}), 0), "
+        "coalesce(min(seq), 0), coalesce(max(seq), 0), min(received_at) FROM spool"
+    ).fetchone()
+    return Status(count, size, first, last, oldest)
+
+
+def read_after(conn: sqlite3.Connection, after_seq: int, up_to_seq: int, limit: int) -> list[Row]:
+    rows = conn.execute(
+        "SELECT seq, ident, known, received_at, payload FROM spool WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+        (after_seq, up_to_seq, limit),
+    ).fetchall()
+    return [Row(seq, ident, bool(known), received_at, payload) for seq, ident, known, received_at, payload in rows]
