@@ -166,9 +166,9 @@ def wait_rows(count_rows: Callable[[], int], expected: int) -> None:
 
 
 def end_to_end(
-    db_url: str, count_rows: Callable[[], int], count: int, batch: int, concurrency: int
+    db_url: str, count_rows: Callable[[], int], count: int, batch: int, concurrency: int, extra: list[str]
 ) -> tuple[float, float]:
-    served = Served(db_url, [])
+    served = Served(db_url, extra)
     try:
         before = count_rows()
         started = time.perf_counter()
@@ -228,13 +228,28 @@ def sqlite_case(args: argparse.Namespace, rows: list[dict[str, object]]) -> None
         report("sqlite", url, count, raw, args)
 
 
+MODES = ("memory", "spool-full", "spool-normal")
+
+
+def mode_flags(mode: str, tmp: str) -> list[str]:
+    """memory: no spool; spool-SYNC: a fresh spool file with that --spool-sync."""
+    if mode == "memory":
+        return []
+    return ["--spool", f"{tmp}/{uuid.uuid4().hex[:8]}.spool", "--spool-sync", mode.removeprefix("spool-")]
+
+
 def report(label: str, url: str, count: Callable[[], int], raw: float, args: argparse.Namespace) -> None:
-    rate, rss = end_to_end(url, count, args.messages, 100, args.concurrency)
-    print(f"{label} ingest, NDJSON x100: {rate:,.0f} msgs/s end to end; ingest / raw = {rate / raw:.2f}; "
-          f"peak RSS {rss:.0f} MiB")
-    rate, rss = end_to_end(url, count, args.single, 1, args.concurrency)
-    print(f"{label} ingest, 1 msg/request: {rate:,.0f} msgs/s end to end; ingest / raw = {rate / raw:.3f}; "
-          f"peak RSS {rss:.0f} MiB")
+    """Each mode on the same messages; spool modes also as a ratio to memory mode in this run."""
+    memory: dict[int, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch, total, name in ((100, args.messages, "NDJSON x100"), (1, args.single, "1 msg/request")):
+            for mode in args.modes:
+                rate, rss = end_to_end(url, count, total, batch, args.concurrency, mode_flags(mode, tmp))
+                if mode == "memory":
+                    memory[batch] = rate
+                versus = f"; / memory = {rate / memory[batch]:.2f}" if batch in memory and mode != "memory" else ""
+                print(f"{label} {mode:12} {name}: {rate:,.0f} msgs/s end to end; ingest / raw = {rate / raw:.3f}"
+                      f"{versus}; peak RSS {rss:.0f} MiB")
 
 
 def main() -> None:
@@ -245,6 +260,8 @@ def main() -> None:
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test",
                         help="an admin URL; the benchmark creates and drops its own database")
     parser.add_argument("--only", choices=["postgres", "sqlite"])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="memory (no spool) and/or a spool with --spool-sync full or normal")
     args = parser.parse_args()
     rows = messages(args.messages)
     single_client = "wrk + bench/single.lua" if shutil.which("wrk") else "ingest push"

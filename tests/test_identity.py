@@ -121,11 +121,12 @@ def test_an_id_field_stores_each_event_once(make_service, make_engine, db_url) -
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_batch_written_twice_is_stored_once(make_service, make_engine, db_url, monkeypatch) -> None:
-    """A consumer that dies after its commit hands the batch back; the replacement writes it
-    again. Generated identities take the fast path, which the unique index refuses; the batch
-    then goes through the duplicate-skipping path: the duplicate path run for real."""
-    service = make_service(db_url=db_url, consumers=1, batch_linger_s=0)
+def test_a_batch_written_twice_is_stored_once(make_service, make_engine, db_url, monkeypatch, tmp_path) -> None:
+    """The store commits, then fails before it returns: the consumer cannot know, hands the batch
+    back, and the replacement writes it again. With a spool, generated identities are kept, take
+    the fast path, which the unique index refuses; the batch then goes through the
+    duplicate-skipping path: the duplicate path run for real."""
+    service = make_service(db_url=db_url, consumers=1, batch_linger_s=0, spool=str(tmp_path / "s.db"))
     original = service.store.write
     calls = {"n": 0}
 
@@ -141,6 +142,30 @@ def test_a_batch_written_twice_is_stored_once(make_service, make_engine, db_url,
     assert (reply.status, reply.json()) == (201, {"stored": 0, "duplicates": 5})
     assert count_rows(make_engine(db_url)) == 5
     assert metric(service, "ingest_messages_duplicate_total") == 5
+    assert metric(service, "ingest_consumer_restarts_total") == 1
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_consumer_that_dies_after_its_commit_does_not_write_again(make_service, make_engine, db_url, monkeypatch):
+    """Without a spool, generated identities are not kept: the consumer itself must never hand
+    back a batch it has committed."""
+    import ingest.consumers
+
+    service = make_service(db_url=db_url, consumers=1, batch_linger_s=0)
+    original = ingest.consumers.settle_stored
+    calls = {"n": 0}
+
+    def fail_once(batch: list[Message]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected: a bug after the commit")
+        original(batch)
+
+    monkeypatch.setattr(ingest.consumers, "settle_stored", fail_once)
+    reply = _post(service.url, [{"n": n} for n in range(5)])
+    assert reply.status == 500 and "stored, but the service failed after the commit" in reply.json()["error"]
+    assert _post(service.url, [{"n": 9}]).status == 201  # the replacement works
+    assert count_rows(make_engine(db_url)) == 6
     assert metric(service, "ingest_consumer_restarts_total") == 1
 
 

@@ -181,6 +181,8 @@ def _bind_sources(service: dict[str, Any]) -> list[tuple[str, str]]:
             if volume.get("type") == "bind":
                 binds.append((volume["source"], volume["target"]))
             continue
+        if ":" not in volume:
+            continue  # an anonymous volume: a container path only
         source, target = volume.split(":")[:2]
         if source.startswith((".", "/", "~")):
             binds.append((source, target))
@@ -259,6 +261,8 @@ def test_build_contexts_and_bind_sources_exist() -> None:
             assert (ROOT / source).exists(), f"{name}: bind source {source} does not exist"
         declared = set(compose().get("volumes") or {})
         for volume in service.get("volumes", []):
+            if isinstance(volume, str) and ":" not in volume:
+                continue  # anonymous
             named = volume.get("source") if isinstance(volume, dict) else volume.split(":")[0]
             if named and not named.startswith((".", "/", "~")):
                 assert named in declared, f"{name}: named volume {named} is not declared"
@@ -584,6 +588,12 @@ def test_alert_rules_fire_when_they_should(tmp_path: Path) -> None:
              ('ingest_messages_rejected_total{reason="invalid", instance="i2", job="ingest"}', "0+3000x40")],
             [silent("IngestRejectingQueueFull", "2m"),
              fires("IngestRejectingQueueFull", "6m", {"instance": "i1", "severity": "ticket"})],
+        ),
+        (  # 90 % of the spool for minutes; a service without a spool (capacity 0) never fires
+            [("ingest_spool_bytes", "900x40"), ("ingest_spool_capacity_bytes", "1000x40"),
+             ('ingest_spool_bytes{instance="i2", job="ingest"}', "0x40"),
+             ('ingest_spool_capacity_bytes{instance="i2", job="ingest"}', "0x40")],
+            [silent("IngestSpoolNearlyFull", "4m"), fires("IngestSpoolNearlyFull", "6m", page)],
         ),
         (
             [("ingest_messages_dead_lettered_total", "0 0 0 5x10")],

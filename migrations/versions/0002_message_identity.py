@@ -4,9 +4,10 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-27
 
-Nullable: rows written before this revision have no identity, and a unique index allows any
-number of NULLs on both Postgres and SQLite. Adding a nullable column without a default is a
-catalog change on both, so upgrading a table that already holds rows does not rewrite them.
+Nullable: rows written before this revision have no identity, nor do messages whose identity
+can never be seen twice (generated, without a spool): the partial index leaves NULLs out, so
+those rows cost no index entry and the fast COPY path stays as fast as before. Adding a nullable
+column without a default is a catalog change on both databases: existing rows are not rewritten.
 """
 
 import sqlalchemy as sa
@@ -20,7 +21,10 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("messages", sa.Column("ident", sa.Text(), nullable=True))
-    op.create_index("uq_messages_ident", "messages", ["ident"], unique=True)
+    op.create_index(
+        "uq_messages_ident", "messages", ["ident"], unique=True,
+        postgresql_where=sa.text("ident IS NOT NULL"), sqlite_where=sa.text("ident IS NOT NULL"),
+    )
 
 
 def downgrade() -> None:

@@ -19,7 +19,7 @@ from ingest.buffer import Buffer
 from ingest.errors import IngestError, TransientStoreError
 from ingest.messages import Message, settle_duplicates, settle_failed, settle_stored
 from ingest.metrics import Metrics
-from ingest.store import Store
+from ingest.store import Store, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,17 @@ class ConsumerThread(threading.Thread):
             return False
         self._held = batch
         try:
-            self._write(batch)
+            self._metrics.batch_size.observe(len(batch))
+            result = self._store.write(batch)
         except TransientStoreError as exc:
             # Only the drain deadline ends retries: these messages cannot be stored now.
-            self._metrics.lost.inc(len(batch))
-            log.error("%s: %d message(s) not stored at the drain deadline: %s", self.name, len(batch), exc)
+            # Spooled ones are not lost: they stay in the spool file for the next start.
+            lost = sum(1 for m in batch if m.seq is None)
+            self._metrics.lost.inc(lost)
+            log.error("%s: %d message(s) not stored at the drain deadline (%d lost): %s",
+                      self.name, len(batch), lost, exc)
             settle_failed(batch, str(exc))
+            return True
         except BaseException:
             # The excepthook logs the traceback and counts the death; say what happened to the data.
             log.error("%s died holding %d message(s); handing them back", self.name, len(batch))
@@ -100,21 +105,27 @@ class ConsumerThread(threading.Thread):
             raise
         finally:
             self._held = []
+        # Committed: from here on a failure must not hand the batch back, or it would be
+        # written twice (and messages without an identity would be stored twice).
+        try:
+            self._account(batch, result)
+        except BaseException:
+            log.error("%s died after committing %d message(s); they are stored", self.name, len(batch))
+            settle_failed(batch, "stored, but the service failed after the commit; see its log")
+            raise
         return True
 
-    def _write(self, batch: list[Message]) -> None:
-        self._metrics.batch_size.observe(len(batch))
-        result = self._store.write(batch)
+    def _account(self, batch: list[Message], result: WriteResult) -> None:
         committed = time.time()
         # A request's messages share received_at: one observation per request, with its count.
         for received_at, count in Counter(m.received_at for m in result.stored).items():
             self._metrics.message_latency.observe(committed - received_at, count)
         self._metrics.stored.inc(len(result.stored))
+        if self._on_settled is not None:
+            self._on_settled(batch)
         settle_stored(result.stored)
         if result.duplicates:
             self._metrics.duplicates.inc(len(result.duplicates))
             settle_duplicates(result.duplicates)
         for message, error in result.dead:
             settle_failed([message], f"refused by the database: {error}")
-        if self._on_settled is not None:
-            self._on_settled(batch)

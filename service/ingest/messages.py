@@ -79,8 +79,9 @@ class Message:
     """One accepted message: the JSON text of an object, as received; `received_at` is epoch
     seconds at the listener. Text, not a dict: smaller in the buffer, and never re-encoded.
 
-    `ident` is its identity (identity.py). `known` is False only for a generated identity seen
-    for the first time, which no stored row can have: the store may then skip the duplicate check.
+    `ident` is its identity (identity.py); None when no second copy of it can ever reach the
+    store (generated, without a spool), so nothing needs to remember it. `known` is False only
+    for an identity no stored row can have yet: the store may then skip the duplicate check.
     """
 
     __slots__ = ("ack", "ident", "known", "received_at", "seq", "text")
@@ -91,7 +92,7 @@ class Message:
         received_at: float,
         ack: Ack | None = None,
         *,
-        ident: str,
+        ident: str | None,
         known: bool = True,
         seq: int | None = None,
     ) -> None:

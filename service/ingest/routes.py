@@ -117,16 +117,22 @@ async def post_messages(request: web.Request) -> web.Response:
     return _json_reply(201, f'{{"stored": {stored}, "duplicates": {duplicates}}}')
 
 
-def _identities(config: RouteConfig, request: web.Request, texts: list[str]) -> tuple[list[str], bool]:
-    """Each message's identity, and whether it may be stored already (not if freshly generated)."""
+def _identities(config: RouteConfig, request: web.Request, texts: list[str]) -> tuple[list[str | None], bool]:
+    """Each message's identity, and whether it may be stored already (not if freshly generated).
+
+    Without a key, a field or a spool, no second copy of a message can ever reach the store, so
+    it needs no identity to be remembered by (and the write path stays as fast as without one).
+    """
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is not None:
         key = checked_key(key)  # checked even where --id-field decides: a bad key is a client bug
     if config.id_field is not None:
-        return from_field(texts, config.id_field), True
+        return list(from_field(texts, config.id_field)), True
     if key is not None:
-        return from_key(key, len(texts)), True
-    return config.identities.take(len(texts)), False
+        return list(from_key(key, len(texts))), True
+    if config.spool is not None:  # a crash after the database commit re-sends spooled messages
+        return list(config.identities.take(len(texts))), False
+    return [None] * len(texts), False
 
 
 def _json_reply(status: int, text: str) -> web.Response:

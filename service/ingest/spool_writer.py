@@ -71,7 +71,7 @@ class SpoolWriter(threading.Thread):
 
     def submit(self, batch: list[Message]) -> Future[None]:
         """Queue a request's messages for the next commit; the future settles once they are on disk."""
-        need = sum(spool.row_bytes(m.text, m.ident) for m in batch)
+        need = sum(spool.row_bytes(m.text, m.ident or "") for m in batch)
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("service is shutting down", messages=len(batch))
@@ -89,7 +89,7 @@ class SpoolWriter(threading.Thread):
 
     def forget(self, batch: list[Message]) -> None:
         """These messages are in the database (stored, duplicate or dead-lettered): delete them."""
-        done = [(m.seq, spool.row_bytes(m.text, m.ident)) for m in batch if m.seq is not None]
+        done = [(m.seq, spool.row_bytes(m.text, m.ident or "")) for m in batch if m.seq is not None]
         if done:
             with self._lock:
                 self._done.extend(done)

@@ -67,7 +67,7 @@ def classify(exc: BaseException) -> type[TransientStoreError] | type[PermanentSt
 
 # An insert writes the batch in the caller's transaction and returns the identities it stored,
 # or None when it stored them all.
-Insert = Callable[[Connection, list[Message]], "set[str] | None"]
+Insert = Callable[[Connection, list[Message]], "set[str | None] | None"]
 
 
 @dataclass
@@ -151,7 +151,7 @@ class Store:
             return
         _sort_out(batch, inserted, result)
 
-    def _retrying(self, insert_fn: Insert, batch: list[Message]) -> set[str] | None:
+    def _retrying(self, insert_fn: Insert, batch: list[Message]) -> set[str | None] | None:
         attempt = 0
         while True:
             try:
@@ -179,7 +179,7 @@ class Store:
                     raise TransientStoreError(f"drain deadline passed while retrying: {_first_line(exc)}") from exc
 
     @staticmethod
-    def _in_transaction(conn: Connection, insert_fn: Insert, batch: list[Message]) -> set[str] | None:
+    def _in_transaction(conn: Connection, insert_fn: Insert, batch: list[Message]) -> set[str | None] | None:
         try:
             with conn.begin():
                 return insert_fn(conn, batch)
@@ -203,13 +203,15 @@ class Store:
         log.error("message dead-lettered: %s", error)
 
 
-def _sort_out(batch: list[Message], inserted: set[str] | None, result: WriteResult) -> None:
+def _sort_out(batch: list[Message], inserted: set[str | None] | None, result: WriteResult) -> None:
     """Stored or duplicate, by identity; of two messages with one identity, the first is stored."""
     if inserted is None:
         result.stored.extend(batch)
         return
     for message in batch:
-        if message.ident in inserted:
+        if message.ident is None:
+            result.stored.append(message)  # no identity: nothing to conflict with
+        elif message.ident in inserted:
             inserted.discard(message.ident)
             result.stored.append(message)
         else:
@@ -222,9 +224,12 @@ def _utc(epoch_s: float) -> datetime:
 
 # SQLAlchemy's DateTime stores SQLite timestamps as this text; write the same, so Core reads them.
 _SQLITE_STAMP = "%Y-%m-%d %H:%M:%S.%f"
+# The conflict target names the partial index's predicate, or neither database would match it.
+_ON_CONFLICT = "ON CONFLICT (ident) WHERE ident IS NOT NULL DO NOTHING RETURNING ident"
 _INSERT_SQLITE = f"INSERT INTO {messages.name} (received_at, payload, ident) VALUES (?, ?, ?)"
-_INSERT_SQLITE_SKIPPING = _INSERT_SQLITE + " ON CONFLICT (ident) DO NOTHING RETURNING ident"
+_INSERT_SQLITE_SKIPPING = f"{_INSERT_SQLITE} {_ON_CONFLICT}"
 _COPY_POSTGRES = f"COPY {messages.name} (received_at, payload, ident) FROM STDIN"
+_COPY_POSTGRES_NO_IDENT = f"COPY {messages.name} (received_at, payload) FROM STDIN"
 # The careful path: COPY into a per-connection temporary table, then one INSERT that skips
 # identities already stored and returns the ones it stored.
 _INCOMING = "ingest_incoming"
@@ -235,8 +240,7 @@ _CREATE_INCOMING = (
 _COPY_INCOMING = f"COPY {_INCOMING} (received_at, payload, ident) FROM STDIN"
 _INSERT_FROM_INCOMING = (
     f"INSERT INTO {messages.name} (received_at, payload, ident) "
-    f"SELECT received_at, payload::jsonb, ident FROM {_INCOMING} "
-    "ON CONFLICT (ident) DO NOTHING RETURNING ident"
+    f"SELECT received_at, payload::jsonb, ident FROM {_INCOMING} {_ON_CONFLICT}"
 )
 # COPY's text format gives backslash, tab, newline and CR a meaning; JSON text may hold them
 # (a raw tab or CR only as whitespace between tokens), so escape them.
@@ -262,7 +266,7 @@ def _stamps(batch: list[Message], render: Callable[[datetime], str]) -> list[str
     return out
 
 
-def _sqlite_rows(batch: list[Message]) -> list[tuple[str, str, str]]:
+def _sqlite_rows(batch: list[Message]) -> list[tuple[str, str, str | None]]:
     stamps = _stamps(batch, lambda moment: moment.strftime(_SQLITE_STAMP))
     return [(stamp, m.text, m.ident) for stamp, m in zip(stamps, batch, strict=True)]
 
@@ -272,31 +276,38 @@ def _insert_messages(conn: Connection, batch: list[Message]) -> None:
     conn.exec_driver_sql(_INSERT_SQLITE, _sqlite_rows(batch))
 
 
-def _insert_skipping_known(conn: Connection, batch: list[Message]) -> set[str]:
+def _insert_skipping_known(conn: Connection, batch: list[Message]) -> set[str | None]:
     """SQLite: a row at a time, because RETURNING does not work with executemany."""
-    inserted: set[str] = set()
+    inserted: set[str | None] = set()
     for row in _sqlite_rows(batch):
         inserted.update(r[0] for r in conn.exec_driver_sql(_INSERT_SQLITE_SKIPPING, row))
     return inserted
 
 
-def _copy_data(batch: list[Message]) -> str:
+def _copy_ident(ident: str | None) -> str:
+    # An identity is printable ASCII, where only a key's backslash means something to COPY.
+    return "\\N" if ident is None else _copy_escape(ident)
+
+
+def _copy_data(batch: list[Message], *, idents: bool = True) -> str:
     stamps = _stamps(batch, datetime.isoformat)
-    # Identities are printable ASCII without backslash-escapes to worry about, except a key's
-    # backslash: escape them like the text.
+    if not idents:
+        return "".join(f"{stamp}\t{_copy_escape(m.text)}\n" for stamp, m in zip(stamps, batch, strict=True))
     return "".join(
-        f"{stamp}\t{_copy_escape(m.text)}\t{_copy_escape(m.ident)}\n" for stamp, m in zip(stamps, batch, strict=True)
+        f"{stamp}\t{_copy_escape(m.text)}\t{_copy_ident(m.ident)}\n" for stamp, m in zip(stamps, batch, strict=True)
     )
 
 
 def _copy_messages(conn: Connection, batch: list[Message]) -> None:
-    """Postgres: COPY in text format, the fastest bulk path measured (see bench/)."""
+    """Postgres: COPY in text format, the fastest bulk path measured (see bench/). Messages
+    without identities leave the column out, as before identities existed."""
     raw: Any = conn.connection.driver_connection
-    with raw.cursor() as cursor, cursor.copy(_COPY_POSTGRES) as copy:
-        copy.write(_copy_data(batch))
+    idents = any(m.ident is not None for m in batch)
+    with raw.cursor() as cursor, cursor.copy(_COPY_POSTGRES if idents else _COPY_POSTGRES_NO_IDENT) as copy:
+        copy.write(_copy_data(batch, idents=idents))
 
 
-def _copy_skipping_known(conn: Connection, batch: list[Message]) -> set[str]:
+def _copy_skipping_known(conn: Connection, batch: list[Message]) -> set[str | None]:
     """Postgres: COPY into the temporary table, then INSERT ... ON CONFLICT DO NOTHING."""
     raw: Any = conn.connection.driver_connection
     with raw.cursor() as cursor:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -40,10 +41,14 @@ messages = Table(
     Column("received_at", DateTime(timezone=True), nullable=False),
     Column("stored_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("payload", JSON().with_variant(JSONB(), "postgresql"), nullable=False),
-    # The message's identity, given at acceptance (identity.py): writes skip one already stored,
-    # so a retried request or a re-sent batch is stored once. NULL only in rows older than 0002.
+    # The message's identity (identity.py): writes skip one already stored, so a retried request
+    # or a re-sent batch is stored once. NULL where no second copy can come (a generated identity
+    # without a spool) and in rows older than 0002; the partial index leaves those out.
     Column("ident", Text(), nullable=True),
-    Index("uq_messages_ident", "ident", unique=True),
+    Index(
+        "uq_messages_ident", "ident", unique=True,
+        postgresql_where=text("ident IS NOT NULL"), sqlite_where=text("ident IS NOT NULL"),
+    ),
 )
 
 dead_letters = Table(
