@@ -255,6 +255,28 @@ def test_a_stop_right_after_start_is_not_lost(stack: Stack) -> None:
     stack.compose("up", "-d", "--no-deps", "--wait", "ingest", timeout_s=180)
 
 
+def test_a_killed_replica_keeps_what_it_acknowledged_in_its_spool(stack: Stack) -> None:
+    """SIGKILL while the database is away: the 202s were on the replica's spool volume, and the
+    same container, restarted, stores them (the compose stack runs with INGEST_SPOOL)."""
+    (container,) = stack.containers("ingest")
+    run = uuid.uuid4().hex
+    stack.compose("pause", "postgres")  # writes stall; acknowledged messages wait in the spool
+    try:
+        for i in range(20):
+            reply = request(f"{stack.proxy_url}/messages", "POST", _ndjson(range(i * 50, i * 50 + 50), run),
+                            {"Content-Type": "application/x-ndjson"})
+            assert reply.status == 202, reply.body
+        docker("kill", "-s", "KILL", container)
+    finally:
+        stack.compose("unpause", "postgres")
+    docker("start", container)
+    wait_until(lambda: "recovered" in docker("logs", container).stderr, 120, "the restarted replica to recover")
+    count = f"SELECT count(DISTINCT (payload->>'seq')::int) FROM messages WHERE payload->>'run' = '{run}'"
+    wait_until(lambda: stack.sql(count) == "1000", 120, "all 1,000 acknowledged messages stored")
+    assert stack.sql(f"SELECT count(*) FROM messages WHERE payload->>'run' = '{run}'") == "1000"
+    wait_until(lambda: _healthy(stack, "ingest", 1), 120, "the replica healthy again")
+
+
 # ---------------------------------------------------------------- the load profile
 
 
