@@ -164,19 +164,20 @@ def _spool_with_rows(path: Path, rows: int) -> None:
     conn.close()
 
 
-def _foreign(path: Path) -> None:
+def _execute(path: Path, statement: str) -> None:
     conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.execute(statement)
     conn.commit()
     conn.close()
+
+
+def _foreign(path: Path) -> None:
+    _execute(path, "CREATE TABLE notes (body TEXT)")
 
 
 def _newer(path: Path) -> None:
     _spool_with_rows(path, 1)
-    conn = sqlite3.connect(path)
-    conn.execute("UPDATE meta SET value = '2' WHERE key = 'version'")
-    conn.commit()
-    conn.close()
+    _execute(path, "UPDATE meta SET value = '2' WHERE key = 'version'")
 
 
 def _truncated(path: Path) -> None:
