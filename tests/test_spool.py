@@ -231,3 +231,15 @@ def test_recovered_messages_feed_the_consumers_in_order(make_service, make_engin
     with make_engine(sqlite_url).connect() as conn:
         idents = list(conn.execute(text("SELECT ident FROM messages ORDER BY id")).scalars())
     assert idents == [f"g:x:{n}" for n in range(1, 1201)]
+
+
+def test_a_spool_in_use_by_another_process_is_refused(make_service, tmp_path) -> None:
+    path = tmp_path / "spool.db"
+    make_service(spool=str(path))
+    done = subprocess.run(
+        [sys.executable, "-m", "ingest", "serve", "--port", "0", "--db", f"sqlite:///{tmp_path / 'other.db'}",
+         "--spool", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"ingest: error: spool {path}: in use by another ingest process" in done.stderr

@@ -127,7 +127,8 @@ class Service:
         )
 
     def healthy(self) -> bool:
-        return self.listener.is_alive() and self.supervisor.alive() == self.settings.consumers
+        consumers_ok = self.supervisor.alive() == self.settings.consumers
+        return self.listener.is_alive() and consumers_ok and self._dead_pipeline_thread() is None
 
     def ready(self) -> bool:
         return self._ready.is_set() and not self.shutdown.stopping.is_set() and self.store.reachable
@@ -298,10 +299,14 @@ class Service:
             self.feeder.join(CHECK_INTERVAL_S)
 
     def _close_spool(self) -> None:
-        if self.spool is None or self.spool.ident is None:
+        if self.spool is None:
+            return
+        if self.spool.ident is None:
+            self.spool.release()  # opened (maybe) but never started: let the file go
             return
         self.spool.close()  # after the consumers: their last deletions are committed first
         self.spool.join()
+        self.spool.release()
         settle_failed_acks(self.spool.orphaned_acks(), "not stored before shutdown; kept in the spool")
         if self.spool.messages:
             log.warning("spool %s: %d message(s) stay in the spool; the next start stores them",

@@ -11,10 +11,12 @@ is a SpoolError naming the file and what is wrong, and the file is left as it wa
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from ingest.errors import SpoolError
 
@@ -57,6 +59,22 @@ class Status:
 def row_bytes(payload: str, ident: str) -> int:
     """A message's share of the spool's capacity (its text in UTF-8 is at least this long)."""
     return len(payload) + len(ident) + ROW_OVERHEAD_BYTES
+
+
+def claim(path: Path) -> IO[bytes]:
+    """An exclusive lock on `<path>.lock`, held while the returned file stays open: a spool has one
+    writer, and a second process on the same file would feed and delete the first one's rows."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        handle = lock_path.open("ab")
+    except OSError as exc:
+        raise SpoolError(f"spool {path}: cannot create {lock_path.name}: {exc.strerror}") from None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SpoolError(f"spool {path}: in use by another ingest process (a spool has one writer)") from None
+    return handle
 
 
 def open_spool(path: Path, sync: str = "full", *, create: bool = True, writable: bool = True) -> sqlite3.Connection:

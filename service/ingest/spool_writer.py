@@ -18,6 +18,7 @@ import sqlite3
 import threading
 from concurrent.futures import Future
 from pathlib import Path
+from typing import IO
 
 from ingest import spool
 from ingest.errors import ShuttingDown, SpoolFull, SpoolUnavailable
@@ -40,6 +41,7 @@ class SpoolWriter(threading.Thread):
         self.sync = sync
         self.max_bytes = max_bytes
         self._conn: sqlite3.Connection | None = None
+        self._claim: IO[bytes] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # submits or deletions are waiting
         self._committed = threading.Condition(self._lock)  # committed_seq moved on
@@ -60,7 +62,12 @@ class SpoolWriter(threading.Thread):
 
     def open(self) -> spool.Status:
         """Open (or create) the file and take stock of what a previous run left in it."""
-        self._conn = spool.open_spool(self.path, self.sync)
+        self._claim = spool.claim(self.path)
+        try:
+            self._conn = spool.open_spool(self.path, self.sync)
+        except BaseException:
+            self.release()
+            raise
         self.recovered = spool.status(self._conn)
         self.messages, self.bytes = self.recovered.messages, self.recovered.bytes
         self._next_seq = self.recovered.last_seq + 1
@@ -125,6 +132,12 @@ class SpoolWriter(threading.Thread):
             self._accepting = False
             self._closing = True
             self._wake.notify()
+
+    def release(self) -> None:
+        """Let another process have the spool (after the thread has ended, or if it never ran)."""
+        if self._claim is not None:
+            self._claim.close()
+            self._claim = None
 
     def orphaned_acks(self) -> list[Ack]:
         """ack=commit requests whose messages stay in the spool: they must hear that."""
