@@ -20,7 +20,7 @@ def test_single_object_array_and_ndjson_are_stored(make_service, make_engine, sq
     assert (reply.status, reply.json()) == (202, {"accepted": 1})
     engine = make_engine(sqlite_url)
     wait_until(lambda: count_rows(engine) == 7, what="7 rows stored")
-    assert metric(service, "ingest_messages_received_total") == 7
+    assert metric(service, "ingest_messages_received_total", {"client": "anonymous"}) == 7
 
 
 @pytest.mark.parametrize(
@@ -42,9 +42,9 @@ def test_error_statuses(make_service, body, headers, status, reason, fragment) -
     assert reply.status == status
     error = reply.json()
     assert fragment in error["error"] and "detail" in error
-    assert metric(service, "ingest_messages_rejected_total", {"reason": reason}) == 1
+    assert metric(service, "ingest_messages_rejected_total", {"reason": reason, "client": "anonymous"}) == 1
     assert metric(service, "ingest_http_requests_total", {"code": str(status)}) == 1
-    assert metric(service, "ingest_messages_received_total") == 0
+    assert metric(service, "ingest_messages_received_total", {"client": "anonymous"}) == 0
 
 
 def test_chunked_body_over_the_limit_is_413(make_service) -> None:
@@ -64,7 +64,7 @@ def test_unknown_ack_and_route_are_json_errors(make_service) -> None:
     service = make_service()
     reply = post_json(service.url, {"a": 1}, query="?ack=later")
     assert reply.status == 400 and "ack must be" in reply.json()["error"]
-    assert metric(service, "ingest_messages_rejected_total", {"reason": "invalid"}) == 1
+    assert metric(service, "ingest_messages_rejected_total", {"reason": "invalid", "client": "anonymous"}) == 1
     reply = request(f"{service.url}/nowhere")
     assert reply.status == 404 and reply.json()["error"]
 

@@ -50,7 +50,7 @@ def test_contract_metrics_exist_with_zeroes_before_traffic(make_service) -> None
     assert value(samples, "ingest_db_pool_size") == 2
     assert value(samples, "ingest_consumers_alive") == 3
     for reason in ("invalid", "too_large", "unsupported", "queue_full", "shutting_down"):
-        assert value(samples, "ingest_messages_rejected_total", reason=reason) == 0
+        assert value(samples, "ingest_messages_rejected_total", reason=reason, client="anonymous") == 0
     assert value(samples, "ingest_thread_errors_total", thread="consumer-3") == 0
     assert value(samples, "ingest_http_requests_total", code="503") == 0
 
@@ -63,14 +63,14 @@ def test_counters_and_histograms_move_with_traffic(make_service) -> None:
     assert request(f"{service.url}/messages", "POST", b"{", {"Content-Type": "application/json"}).status == 400
     wait_until(lambda: value(scrape(service.url), "ingest_messages_stored_total") == 101, what="101 stored")
     samples = scrape(service.url)
-    assert value(samples, "ingest_messages_received_total") == 101
+    assert value(samples, "ingest_messages_received_total", client="anonymous") == 101
     assert value(samples, "ingest_message_latency_seconds_count") == 101
     assert value(samples, "ingest_batch_size_sum") == 101
     assert value(samples, "ingest_db_write_seconds_count") == value(samples, "ingest_batch_size_count") >= 10
     assert value(samples, "ingest_http_requests_total", code="201") == 10
     assert value(samples, "ingest_http_requests_total", code="202") == 1
     assert value(samples, "ingest_http_requests_total", code="400") == 1
-    assert value(samples, "ingest_messages_rejected_total", reason="invalid") == 1
+    assert value(samples, "ingest_messages_rejected_total", reason="invalid", client="anonymous") == 1
     assert value(samples, "ingest_queue_depth") == 0
     assert value(samples, "ingest_db_pool_in_use") == 0
 

@@ -18,7 +18,7 @@ def test_push_rides_out_backpressure_and_everything_is_stored(make_service, make
     pusher = threading.Thread(target=lambda: results.append(run(options)), name="push")
     pusher.start()
     wait_until(
-        lambda: metric(service, "ingest_messages_rejected_total", {"reason": "queue_full"}) > 0,
+        lambda: metric(service, "ingest_messages_rejected_total", {"reason": "queue_full", "client": "anonymous"}) > 0,
         what="503s for queue_full",
     )
     lock.execute("ROLLBACK")
@@ -65,7 +65,7 @@ def test_push_idempotent_retries_timeouts_and_stores_each_message_once(make_serv
                           request_timeout_s=0.5, idempotent=True)
     pusher = threading.Thread(target=lambda: results.append(run(options)), name="push")
     pusher.start()
-    wait_until(lambda: metric(service, "ingest_messages_received_total") >= 400, 30,
+    wait_until(lambda: metric(service, "ingest_messages_received_total", {"client": "anonymous"}) >= 400, 30,
                what="every request sent at least twice (timeouts retried)")
     lock.execute("ROLLBACK")
     lock.close()

@@ -31,7 +31,7 @@ def test_backpressure_then_recovery(make_service, make_engine, sqlite_url) -> No
     assert reply.json()["error"] == "queue is full (10 messages)"
     # The buffer holds 10 and the stalled consumer holds one batch of at most 5.
     assert 10 <= accepted <= 15
-    assert metric(service, "ingest_messages_rejected_total", {"reason": "queue_full"}) == 1
+    assert metric(service, "ingest_messages_rejected_total", {"reason": "queue_full", "client": "anonymous"}) == 1
     wait_until(lambda: metric(service, "ingest_db_retries_total") >= 1, what="a retry")
     lock.execute("COMMIT")
     lock.close()
@@ -52,7 +52,7 @@ def test_a_request_is_enqueued_all_or_none(make_service, make_engine, sqlite_url
     reply = post_ndjson(service.url, [{"second": i} for i in range(6)])
     assert reply.status == 503 and reply.headers["retry-after"] == "1"
     assert metric(service, "ingest_queue_depth") == 5  # none of the six went in
-    assert metric(service, "ingest_messages_rejected_total", {"reason": "queue_full"}) == 6
+    assert metric(service, "ingest_messages_rejected_total", {"reason": "queue_full", "client": "anonymous"}) == 6
     assert post_ndjson(service.url, [{"third": i} for i in range(5)]).status == 202
     lock.execute("ROLLBACK")
     lock.close()
@@ -66,7 +66,7 @@ def test_request_bigger_than_the_queue_is_413(make_service) -> None:
     service = make_service(queue_size=3)
     reply = post_ndjson(service.url, [{"n": n} for n in range(4)])
     assert reply.status == 413 and "more than the queue holds" in reply.json()["error"]
-    assert metric(service, "ingest_messages_rejected_total", {"reason": "too_large"}) == 4
+    assert metric(service, "ingest_messages_rejected_total", {"reason": "too_large", "client": "anonymous"}) == 4
 
 
 def test_postgres_outage_retries_then_stores_everything(make_service, make_engine, postgres_url) -> None:
@@ -160,7 +160,7 @@ def test_while_draining_new_requests_get_503_and_readyz_is_false(make_service, m
     reply = post_json(service.url, {"late": 1})
     assert reply.status == 503 and reply.headers["retry-after"] == "1"
     assert reply.json()["error"] == "service is shutting down"
-    assert metric(service, "ingest_messages_rejected_total", {"reason": "shutting_down"}) == 1
+    assert metric(service, "ingest_messages_rejected_total", {"reason": "shutting_down", "client": "anonymous"}) == 1
     lock.execute("ROLLBACK")
     lock.close()
     wait_until(lambda: not service.listener.is_alive(), timeout_s=30, what="the drain to finish")

@@ -138,7 +138,7 @@ def test_a_burst_ten_times_the_queue_is_absorbed_by_the_spool(make_service, make
     statuses = [_post(service.url, range(n * 100, n * 100 + 100)) for n in range(10)]
     assert statuses == [202] * 10
     wait_until(lambda: count_rows(make_engine(sqlite_url)) == 1000, 30, "all 1,000 stored")
-    assert metric(service, "ingest_messages_rejected_total", {"reason": "queue_full"}) == 0
+    assert metric(service, "ingest_messages_rejected_total", {"reason": "queue_full", "client": "anonymous"}) == 0
 
 
 def test_a_full_spool_answers_503_with_retry_after(make_service, tmp_path) -> None:
@@ -148,7 +148,7 @@ def test_a_full_spool_answers_503_with_retry_after(make_service, tmp_path) -> No
     assert reply.status == 503
     assert reply.headers["retry-after"] == "1"
     assert reply.json()["error"] == "spool is full (2000 bytes)"
-    assert metric(service, "ingest_messages_rejected_total", {"reason": "spool_full"}) == 40
+    assert metric(service, "ingest_messages_rejected_total", {"reason": "spool_full", "client": "anonymous"}) == 40
     assert _post(service.url, range(3)) == 202  # a request that fits still goes in
 
 

@@ -67,6 +67,11 @@ SETTINGS_OPTIONS: list[Decorator] = [
             help="Default acknowledgement: enqueue (202) or commit (201 after the commit)."),
     _option("--max-body-bytes", "max_body_bytes", envvar="INGEST_MAX_BODY_BYTES", type=int,
             default=_DEFAULTS.max_body_bytes, help="Largest request body, also after decompression."),
+    _option("--auth-tokens", "auth_tokens", envvar="INGEST_AUTH_TOKENS", default=None,
+            help="A file of name:token lines: POST /messages then needs Authorization: Bearer <token>. "
+                 "SIGHUP reloads it."),
+    _option("--metrics-token", "metrics_token", envvar="INGEST_METRICS_TOKEN", default=None,
+            help="A token /metrics asks for (Authorization: Bearer). /healthz and /readyz stay open."),
     _option("--spool", "spool", envvar="INGEST_SPOOL", default=None,
             help="A spool file (SQLite): reply 202 only once a request is on disk here, and absorb bursts "
                  "larger than the queue. Default: no spool, 202 means in memory."),
@@ -187,6 +192,8 @@ def spool_status(spool_path: Path) -> None:
 @click.option("--burst", type=int, default=0, show_default=True, help="Extra messages sent at once each second.")
 @click.option("--ack", type=click.Choice(["enqueue", "commit"]), default="enqueue", show_default=True)
 @click.option("--gzip/--no-gzip", "gzip", default=False, help="Compress request bodies.")
+@click.option("--token", envvar="INGEST_TOKEN", show_envvar=True, default=None,
+              help="Bearer token, for a service started with --auth-tokens.")
 @click.option("--idempotent/--no-idempotent", "idempotent", default=False,
               help="Send an Idempotency-Key with every request, so that no retry stores a message twice; "
                    "requests that time out are then retried too.")
@@ -212,11 +219,13 @@ def push(**values: Any) -> None:
 @click.option("--once", is_flag=True, help="Print one snapshot and exit.")
 @click.option("--interval", "interval_s", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
               help="Seconds between refreshes.")
-def top(url: str, once: bool, interval_s: float) -> None:
+@click.option("--token", envvar="INGEST_METRICS_TOKEN", show_envvar=True, default=None,
+              help="Bearer token for /metrics, for a service started with --metrics-token.")
+def top(url: str, once: bool, interval_s: float, token: str | None) -> None:
     """A live view of a running service, read from its /metrics."""
     from ingest import top as viewer
 
-    sys.exit(viewer.run(url=url, once=once, interval_s=interval_s, out=sys.stdout))
+    sys.exit(viewer.run(url=url, once=once, interval_s=interval_s, out=sys.stdout, token=token))
 
 
 def run(argv: list[str] | None = None) -> int:

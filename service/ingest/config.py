@@ -40,6 +40,8 @@ class Settings:
     ack: str = "enqueue"
     max_body_bytes: int = 1024 * 1024
     id_field: str | None = None
+    auth_tokens: str | None = None
+    metrics_token: str | None = None
     spool: str | None = None
     spool_sync: str = "full"
     spool_max_bytes: int = 1024**3
@@ -77,6 +79,8 @@ class Settings:
             raise ConfigError(f"spool_sync must be one of {', '.join(SPOOL_SYNC_MODES)}, got {self.spool_sync!r}")
         if self.spool is not None and not self.spool.strip():
             raise ConfigError("spool must be a file path, got an empty one")
+        if self.metrics_token is not None and len(self.metrics_token) < 16:
+            raise ConfigError("metrics_token must be at least 16 characters")
         if self.id_field is not None and not self.id_field.strip():
             raise ConfigError("id_field must name a field of the messages, got an empty name")
 
@@ -84,6 +88,8 @@ class Settings:
         """The settings as a dict with the database password hidden, for display."""
         shown = dataclasses.asdict(self)
         shown["db_url"] = mask_url(self.db_url)
+        if self.metrics_token is not None:
+            shown["metrics_token"] = "***"
         return shown
 
 

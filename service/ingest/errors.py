@@ -57,6 +57,13 @@ class TooLarge(Rejected):
     reason = "too_large"
 
 
+class Unauthorized(Rejected):
+    """No valid `Authorization: Bearer` token; the reply carries `WWW-Authenticate: Bearer`."""
+
+    status = 401
+    reason = "unauthorized"
+
+
 class Unsupported(Rejected):
     status = 415
     reason = "unsupported"

@@ -11,8 +11,10 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-REJECT_REASONS = ("invalid", "too_large", "unsupported", "queue_full", "shutting_down", "spool_full", "spool_error")
-HTTP_CODES = ("200", "201", "202", "400", "404", "405", "413", "415", "500", "503")
+ANONYMOUS = "anonymous"  # the client label when no token file is configured
+REJECT_REASONS = ("invalid", "too_large", "unsupported", "queue_full", "shutting_down", "spool_full", "spool_error",
+                  "unauthorized")
+HTTP_CODES = ("200", "201", "202", "400", "401", "404", "405", "413", "415", "500", "503")
 THREADS = ("listener", "other")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -29,7 +31,7 @@ class Metrics:
         self.queue_depth = Gauge("ingest_queue_depth", "Messages waiting in the buffer", registry=r)
         self.queue_capacity = Gauge("ingest_queue_capacity", "Buffer capacity in messages", registry=r)
         self.received = Counter(
-            "ingest_messages_received", "Messages accepted into the buffer", registry=r
+            "ingest_messages_received", "Messages accepted into the buffer, by client", ["client"], registry=r
         )
         self.stored = Counter("ingest_messages_stored", "Messages committed to the database", registry=r)
         self.spool_messages = Gauge("ingest_spool_messages", "Messages in the spool, not yet stored", registry=r)
@@ -42,8 +44,8 @@ class Metrics:
         )
         self.rejected = Counter(
             "ingest_messages_rejected",
-            "Messages refused at the door (1 per request when the body could not be split)",
-            ["reason"],
+            "Messages refused at the door (1 per request when the body could not be split), by client",
+            ["reason", "client"],
             registry=r,
         )
         self.batch_size = Histogram(
@@ -79,13 +81,26 @@ class Metrics:
         )
         self.http_requests = Counter("ingest_http_requests", "HTTP responses by status code", ["code"], registry=r)
         # Pre-create label values so dashboards show 0, not "no data".
-        for reason in REJECT_REASONS:
-            self.rejected.labels(reason)
+        self._received_by_client: dict[str, Counter] = {}
+        self.add_clients([ANONYMOUS])
         # labels() takes a lock and builds a key each call; the listener counts every response,
         # so it keeps the children. Touched by the listener's loop only.
         self._responses_by_code = {int(code): self.http_requests.labels(code) for code in HTTP_CODES}
         for name in [*THREADS, *consumer_names]:
             self.thread_errors.labels(name)
+
+    def add_clients(self, names: list[str]) -> None:
+        """Label values for these clients (bounded: the names in the token file, plus `unknown`)."""
+        for name in names:
+            self._received_by_client.setdefault(name, self.received.labels(name))
+            for reason in REJECT_REASONS:
+                self.rejected.labels(reason, name)
+
+    def count_received(self, client: str, count: int) -> None:
+        child = self._received_by_client.get(client)
+        if child is None:  # a client added by a reload, between add_clients and here
+            child = self._received_by_client[client] = self.received.labels(client)
+        child.inc(count)
 
     def count_response(self, status: int) -> None:
         child = self._responses_by_code.get(status)

@@ -59,6 +59,7 @@ class PushOptions:
     max_attempts: int = 50
     gzip: bool = False
     idempotent: bool = False  # an Idempotency-Key on every request, so any retry is safe
+    token: str | None = None  # sent as Authorization: Bearer, for a service with --auth-tokens
 
     def __post_init__(self) -> None:
         problem = _problem(self)
@@ -207,6 +208,8 @@ class _Push:
         self.url = yarl.URL(messages_url(options.url, options.ack))
         self.ndjson = options.batch > 1
         self.headers = request_headers(ndjson=self.ndjson, gzip=options.gzip)
+        if options.token is not None:
+            self.headers["Authorization"] = f"Bearer {options.token}"
         # Workers share one iterator, so each request is taken exactly once, in seq order.
         self.firsts = iter(range(0, options.count, options.batch))
         self.reached = False  # any HTTP reply seen: later refusals mean "restarting"

@@ -7,6 +7,7 @@ client waiting for its commit awaits the Ack's future through `asyncio.wrap_futu
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import math
 import time
@@ -18,12 +19,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from ingest.auth import UNKNOWN, Tokens
 from ingest.buffer import Buffer
 from ingest.decoding import decode, decompress
-from ingest.errors import Backpressure, Invalid, Rejected, ShuttingDown, TooLarge
+from ingest.errors import Backpressure, Invalid, Rejected, ShuttingDown, TooLarge, Unauthorized
 from ingest.identity import IDEMPOTENCY_HEADER, Generator, checked_key, from_field, from_key
 from ingest.messages import Ack, Message, WriteFailed
-from ingest.metrics import Metrics
+from ingest.metrics import ANONYMOUS, Metrics
 from ingest.spool_writer import SpoolWriter
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ class RouteConfig:
     id_field: str | None
     identities: Generator
     spool: SpoolWriter | None
+    tokens: Tokens | None
+    metrics_token: str | None
+    unprotected_warning: str | None  # said by /readyz when anyone may push from the network
     is_stopping: Callable[[], bool]
     is_healthy: Callable[[], bool]
     is_ready: Callable[[], bool]
@@ -57,8 +62,23 @@ def make_app(config: RouteConfig) -> web.Application:
     app.router.add_post("/messages", post_messages)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", make_aiohttp_handler(config.metrics.registry))
+    app.router.add_get("/metrics", _protected_metrics(config))
     return app
+
+
+def _protected_metrics(config: RouteConfig) -> Handler:
+    serve = make_aiohttp_handler(config.metrics.registry)
+    if config.metrics_token is None:
+        return serve
+    expected = f"Bearer {config.metrics_token}".encode()
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        presented = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(presented, expected):
+            raise Unauthorized("/metrics needs Authorization: Bearer <metrics token>")
+        return await serve(request)
+
+    return metrics
 
 
 def error_response(status: int, error: str, detail: Any = None, retry_after_s: float | None = None) -> web.Response:
@@ -73,10 +93,12 @@ async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamRe
     try:
         response = await handler(request)
     except Rejected as exc:
-        metrics.rejected.labels(exc.reason).inc(exc.messages)
+        metrics.rejected.labels(exc.reason, _label(request)).inc(exc.messages)
         response = error_response(exc.status, str(exc), exc.detail)
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = "Bearer"
     except Backpressure as exc:
-        metrics.rejected.labels(exc.reason).inc(exc.messages)
+        metrics.rejected.labels(exc.reason, _label(request)).inc(exc.messages)
         response = error_response(503, str(exc), retry_after_s=exc.retry_after_s)
     except WriteFailed as exc:
         response = error_response(
@@ -93,6 +115,7 @@ async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamRe
 
 async def post_messages(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
+    client = _client(config, request)
     ack_mode = request.query.get("ack", config.default_ack)
     if ack_mode not in ("enqueue", "commit"):
         raise Invalid(f"ack must be enqueue or commit, not {ack_mode!r}")
@@ -110,11 +133,30 @@ async def post_messages(request: web.Request) -> web.Response:
         Message(text, received_at, ack, ident=ident, known=known) for text, ident in zip(texts, idents, strict=True)
     ]
     await _enqueue(config, batch)
-    config.metrics.received.inc(len(batch))
+    config.metrics.count_received(client, len(batch))
     if ack is None:
         return _json_reply(202, f'{{"accepted": {len(batch)}}}')
     stored, duplicates = await asyncio.wrap_future(ack.future)
     return _json_reply(201, f'{{"stored": {stored}, "duplicates": {duplicates}}}')
+
+
+def _client(config: RouteConfig, request: web.Request) -> str:
+    """The client's name from its bearer token; Unauthorized without a valid one."""
+    if config.tokens is None:
+        return ANONYMOUS
+    client = config.tokens.client(request.headers.get("Authorization"))
+    if client is None:
+        raise Unauthorized("missing or unknown token: send Authorization: Bearer <token>")
+    return client
+
+
+def _label(request: web.Request) -> str:
+    """The client label of a refused request: its name if its token is valid, else `unknown`.
+    Asked again rather than stored, since only refusals need it."""
+    tokens = request.app[CONFIG].tokens
+    if tokens is None:
+        return ANONYMOUS
+    return tokens.client(request.headers.get("Authorization")) or UNKNOWN
 
 
 def _identities(config: RouteConfig, request: web.Request, texts: list[str]) -> tuple[list[str | None], bool]:
@@ -170,5 +212,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready = request.app[CONFIG].is_ready()
-    return web.json_response({"ready": ready}, status=200 if ready else 503)
+    config = request.app[CONFIG]
+    ready = config.is_ready()
+    body: dict[str, object] = {"ready": ready}
+    if config.unprotected_warning is not None:
+        body["warning"] = config.unprotected_warning
+    return web.json_response(body, status=200 if ready else 503)

@@ -10,6 +10,7 @@ Stop:  refuse new requests (503) → the spool commits what it was handed and th
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ingest import migrate
+from ingest.auth import UNKNOWN, Tokens
 from ingest.buffer import Buffer
 from ingest.config import Settings
 from ingest.consumers import ConsumerThread
@@ -52,6 +54,9 @@ class Service:
         self.shutdown = shutdown or Shutdown()
         self._consumer_names = [f"consumer-{n}" for n in range(1, settings.consumers + 1)]
         self.metrics = Metrics(self._consumer_names)
+        self.tokens = Tokens(Path(settings.auth_tokens)) if settings.auth_tokens is not None else None
+        if self.tokens is not None:
+            self.metrics.add_clients([*self.tokens.names(), UNKNOWN])
         self.buffer = Buffer(settings.queue_size)
         self.pool = ConnectionPool(settings.db_url, settings.pool_size)
         self.store = Store(self.pool, self.metrics, self.shutdown.hard_stop)
@@ -93,10 +98,19 @@ class Service:
             id_field=self.settings.id_field,
             identities=Generator(),
             spool=self.spool,
+            tokens=self.tokens,
+            metrics_token=self.settings.metrics_token,
+            unprotected_warning=self._unprotected_warning(),
             is_stopping=self.shutdown.stopping.is_set,
             is_healthy=self.healthy,
             is_ready=self.ready,
         )
+
+    def _unprotected_warning(self) -> str | None:
+        """Said at start and by /readyz when anyone who can reach a non-loopback port may push."""
+        if self.tokens is not None or _loopback(self.settings.host):
+            return None
+        return f"no --auth-tokens: anyone who can reach {self.settings.host} may push messages"
 
     def _wire_gauges(self) -> None:
         m = self.metrics
@@ -148,6 +162,9 @@ class Service:
             self.stop()
             raise
         self._ready.set()
+        warning = self._unprotected_warning()
+        if warning is not None:
+            log.warning("%s", warning)
         log.info("ingest ready on %s (%s, %d consumers)", self.url, self.pool.dialect, self.settings.consumers)
 
     def _open_spool(self) -> None:
@@ -220,10 +237,21 @@ class Service:
                 self.stop()
                 return EXIT_LISTENER_DIED
             self.supervisor.check()
+            if self.shutdown.reload.is_set():
+                self.shutdown.reload.clear()
+                self._reload()
             if time.monotonic() - last_probe >= PROBE_INTERVAL_S:
                 self._probe_database()
                 last_probe = time.monotonic()
         return self.stop()
+
+    def _reload(self) -> None:
+        """SIGHUP: read the token file again; a bad file keeps the old tokens (auth.py logs why)."""
+        if self.tokens is None:
+            log.info("SIGHUP: nothing to reload (no --auth-tokens)")
+            return
+        if self.tokens.reload():
+            self.metrics.add_clients(self.tokens.names())
 
     def _dead_pipeline_thread(self) -> str | None:
         threads: list[threading.Thread | None] = [self.listener, self.spool, self.feeder]
@@ -338,3 +366,12 @@ class Service:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything

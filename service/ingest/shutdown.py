@@ -11,6 +11,7 @@ class Shutdown:
     def __init__(self) -> None:
         self.stopping = threading.Event()
         self.hard_stop = threading.Event()
+        self.reload = threading.Event()  # SIGHUP: read the token file again
         self._deadline: threading.Timer | None = None
 
     def __repr__(self) -> str:
@@ -29,7 +30,7 @@ class Shutdown:
             self._deadline.cancel()
 
     def install_signal_handlers(self) -> None:
-        """SIGINT/SIGTERM only set flags; the main thread does the work. Main thread only.
+        """SIGINT/SIGTERM/SIGHUP only set flags; the main thread does the work. Main thread only.
 
         The first signal asks for a drain; a second one (an impatient Ctrl-C) ends it now.
         """
@@ -41,3 +42,4 @@ class Shutdown:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reload.set())

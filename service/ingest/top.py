@@ -194,6 +194,7 @@ def run(
     interval_s: float = 1.0,
     out: TextIO,
     stop: threading.Event | None = None,
+    token: str | None = None,
 ) -> int:
     """Show the service at `url` until Ctrl-C (or `stop` is set); with `once`, one screen.
 
@@ -205,14 +206,14 @@ def run(
     timeout_s = max(1.0, min(interval_s, 5.0))
     tty = out.isatty()
     try:
-        current, current_at = fetch(metrics_url, timeout_s), time.monotonic()
+        current, current_at = fetch(metrics_url, timeout_s, token), time.monotonic()
         previous: Snapshot | None = None
         previous_at = current_at
         if once:
             if stop.wait(interval_s):
                 return EXIT_OK
             previous, previous_at = current, current_at
-            current, current_at = fetch(metrics_url, timeout_s), time.monotonic()
+            current, current_at = fetch(metrics_url, timeout_s, token), time.monotonic()
             out.write(_header(metrics_url, None) + render(current, previous, current_at - previous_at))
             out.flush()
             return EXIT_OK
@@ -225,7 +226,7 @@ def run(
             if stop.wait(interval_s):
                 return EXIT_OK
             try:
-                latest, latest_at = fetch(metrics_url, timeout_s), time.monotonic()
+                latest, latest_at = fetch(metrics_url, timeout_s, token), time.monotonic()
             except ClientError as exc:
                 warning = f"!! {exc} (retrying)\n"
                 continue
@@ -238,10 +239,12 @@ def run(
         return EXIT_OK
 
 
-def fetch(metrics_url: str, timeout_s: float) -> Snapshot:
+def fetch(metrics_url: str, timeout_s: float, token: str | None = None) -> Snapshot:
     """One scrape; every way it can fail becomes a ClientError with the URL in it."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     try:
-        with urllib.request.urlopen(metrics_url, timeout=timeout_s) as response:
+        scrape = urllib.request.Request(metrics_url, headers=headers)
+        with urllib.request.urlopen(scrape, timeout=timeout_s) as response:
             body = response.read().decode("utf-8")
     except urllib.error.HTTPError as exc:
         raise ClientError(f"cannot reach {metrics_url}: HTTP {exc.code} {exc.reason}") from None
