@@ -70,6 +70,11 @@ SETTINGS_OPTIONS: list[Decorator] = [
     _option("--auth-tokens", "auth_tokens", envvar="INGEST_AUTH_TOKENS", default=None,
             help="A file of name:token lines: POST /messages then needs Authorization: Bearer <token>. "
                  "SIGHUP reloads it."),
+    _option("--tls-cert", "tls_cert", envvar="INGEST_TLS_CERT", default=None,
+            help="Serve HTTPS with this certificate (PEM; with --tls-key)."),
+    _option("--tls-key", "tls_key", envvar="INGEST_TLS_KEY", default=None, help="The certificate's private key (PEM)."),
+    _option("--tls-client-ca", "tls_client_ca", envvar="INGEST_TLS_CLIENT_CA", default=None,
+            help="Mutual TLS: clients must present a certificate signed by this CA (PEM)."),
     _option("--metrics-token", "metrics_token", envvar="INGEST_METRICS_TOKEN", default=None,
             help="A token /metrics asks for (Authorization: Bearer). /healthz and /readyz stay open."),
     _option("--spool", "spool", envvar="INGEST_SPOOL", default=None,

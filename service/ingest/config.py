@@ -41,6 +41,9 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     id_field: str | None = None
     auth_tokens: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
     metrics_token: str | None = None
     spool: str | None = None
     spool_sync: str = "full"
@@ -79,6 +82,10 @@ class Settings:
             raise ConfigError(f"spool_sync must be one of {', '.join(SPOOL_SYNC_MODES)}, got {self.spool_sync!r}")
         if self.spool is not None and not self.spool.strip():
             raise ConfigError("spool must be a file path, got an empty one")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together: give both, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca needs tls_cert and tls_key: mutual TLS is TLS first")
         if self.metrics_token is not None and len(self.metrics_token) < 16:
             raise ConfigError("metrics_token must be at least 16 characters")
         if self.id_field is not None and not self.id_field.strip():

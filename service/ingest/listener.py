@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import threading
 from concurrent.futures import Future
 
@@ -18,13 +19,17 @@ log = logging.getLogger(__name__)
 
 
 class ListenerThread(threading.Thread):
-    def __init__(self, app: web.Application, host: str, port: int, shutdown_timeout_s: float) -> None:
+    def __init__(
+        self, app: web.Application, host: str, port: int, shutdown_timeout_s: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         # Non-daemon: its handlers may still be answering clients whose messages are committing.
         super().__init__(name="listener", daemon=False)
         self._app = app
         self._host = host
         self._port = port
         self._shutdown_timeout_s = shutdown_timeout_s
+        self._ssl_context = ssl_context
         self.started: Future[int] = Future()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -48,7 +53,7 @@ class ListenerThread(threading.Thread):
         )
         try:
             await runner.setup()
-            site = web.TCPSite(runner, self._host, self._port)
+            site = web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl_context)
             await site.start()
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
             self.started.set_exception(exc)

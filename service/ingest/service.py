@@ -36,6 +36,7 @@ from ingest.spool_feeder import SpoolFeeder
 from ingest.spool_writer import SpoolWriter
 from ingest.store import Store
 from ingest.supervisor import Supervisor
+from ingest.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,14 @@ class Service:
             {"listener", *self._consumer_names},
         )
         self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="enqueue")
+        ssl_context = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            ssl_context = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         self.listener = ListenerThread(
             make_app(self._route_config()), settings.host, settings.port,
-            shutdown_timeout_s=settings.drain_timeout_s,
+            shutdown_timeout_s=settings.drain_timeout_s, ssl_context=ssl_context,
         )
+        self.scheme = "https" if ssl_context is not None else "http"
         self.port: int | None = None
         self._ready = threading.Event()
         self._stopped = False
@@ -85,7 +90,7 @@ class Service:
 
     @property
     def url(self) -> str:
-        return f"http://{self.settings.host}:{self.port}"
+        return f"{self.scheme}://{self.settings.host}:{self.port}"
 
     def _route_config(self) -> RouteConfig:
         return RouteConfig(
