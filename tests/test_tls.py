@@ -92,3 +92,19 @@ def test_bad_tls_files_are_one_line_and_exit_2(ca, server_files, tmp_path) -> No
         assert done.returncode == 2, (args, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("ingest: error: ") and says in lines[0], done.stderr
+
+
+def test_push_trusts_the_ca_it_is_given(make_service, ca, server_files, tmp_path) -> None:
+    from ingest.push import PushOptions, run
+
+    cert, key = server_files
+    service = make_service(tls_cert=cert, tls_key=key)
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    summary = run(PushOptions(url=service.url, count=40, batch=10, cacert=str(ca_path)))
+    assert summary.acknowledged == 40, summary.format()
+    untrusted = subprocess.run(
+        [sys.executable, "-m", "ingest", "push", "--url", service.url, "--count", "10", "--batch", "10"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert untrusted.returncode == 1 and "certificate verify failed" in untrusted.stdout + untrusted.stderr

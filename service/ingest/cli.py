@@ -199,6 +199,7 @@ def spool_status(spool_path: Path) -> None:
 @click.option("--gzip/--no-gzip", "gzip", default=False, help="Compress request bodies.")
 @click.option("--token", envvar="INGEST_TOKEN", show_envvar=True, default=None,
               help="Bearer token, for a service started with --auth-tokens.")
+@click.option("--cacert", default=None, help="A CA file to trust for an https:// URL (default: the system's).")
 @click.option("--idempotent/--no-idempotent", "idempotent", default=False,
               help="Send an Idempotency-Key with every request, so that no retry stores a message twice; "
                    "requests that time out are then retried too.")

@@ -12,6 +12,7 @@ import gzip as gzip_codec
 import json
 import math
 import random
+import ssl
 import uuid
 from bisect import bisect_left
 from collections.abc import Callable
@@ -60,6 +61,7 @@ class PushOptions:
     gzip: bool = False
     idempotent: bool = False  # an Idempotency-Key on every request, so any retry is safe
     token: str | None = None  # sent as Authorization: Bearer, for a service with --auth-tokens
+    cacert: str | None = None  # a CA file to trust for https:// (a service with --tls-cert)
 
     def __post_init__(self) -> None:
         problem = _problem(self)
@@ -158,6 +160,16 @@ def request_headers(*, ndjson: bool, gzip: bool) -> dict[str, str]:
     return headers
 
 
+def client_ssl(cacert: str | None) -> ssl.SSLContext | bool:
+    """True: the system's trust store; with `cacert`, that CA file instead (or ConfigError)."""
+    if cacert is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=cacert)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"push: cacert {cacert}: not a readable CA file: {exc}") from None
+
+
 def messages_url(url: str, ack: str) -> str:
     return url.rstrip("/") + "/messages" + ("?ack=commit" if ack == "commit" else "")
 
@@ -228,7 +240,7 @@ class _Push:
         started_s = loop.time()
         self._report()
         requests = math.ceil(self.options.count / self.options.batch)
-        connector = aiohttp.TCPConnector(limit=self.options.concurrency)
+        connector = aiohttp.TCPConnector(limit=self.options.concurrency, ssl=client_ssl(self.options.cacert))
         timeout = aiohttp.ClientTimeout(total=self.options.request_timeout_s)
         # A load generator's own overhead caps what it can measure: no cookies, no response
         # decompression, the URL parsed once (see _Push.url).
