@@ -70,6 +70,11 @@ SETTINGS_OPTIONS: list[Decorator] = [
     _option("--auth-tokens", "auth_tokens", envvar="INGEST_AUTH_TOKENS", default=None,
             help="A file of name:token lines: POST /messages then needs Authorization: Bearer <token>. "
                  "SIGHUP reloads it."),
+    _option("--rate-limit", "rate_limit", envvar="INGEST_RATE_LIMIT", type=float, default=None,
+            help="Messages a second each client may send (by token name, or by address without tokens); "
+                 "over it, 429 with Retry-After."),
+    _option("--rate-burst", "rate_burst", envvar="INGEST_RATE_BURST", type=float, default=None,
+            help="Messages a client may send at once above its rate (default: one second's worth)."),
     _option("--tls-cert", "tls_cert", envvar="INGEST_TLS_CERT", default=None,
             help="Serve HTTPS with this certificate (PEM; with --tls-key)."),
     _option("--tls-key", "tls_key", envvar="INGEST_TLS_KEY", default=None, help="The certificate's private key (PEM)."),

@@ -41,6 +41,8 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     id_field: str | None = None
     auth_tokens: str | None = None
+    rate_limit: float | None = None
+    rate_burst: float | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -82,6 +84,12 @@ class Settings:
             raise ConfigError(f"spool_sync must be one of {', '.join(SPOOL_SYNC_MODES)}, got {self.spool_sync!r}")
         if self.spool is not None and not self.spool.strip():
             raise ConfigError("spool must be a file path, got an empty one")
+        for name in ("rate_limit", "rate_burst"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and value != float("inf")):
+                raise ConfigError(f"{name} must be a positive number of messages, got {value}")
+        if self.rate_burst is not None and self.rate_limit is None:
+            raise ConfigError("rate_burst needs rate_limit")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together: give both, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:

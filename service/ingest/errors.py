@@ -110,6 +110,17 @@ class PermanentStoreError(StoreError):
     """The database refuses the data itself; retrying cannot help."""
 
 
+class RateLimited(IngestError):
+    """A client sent more than its rate limit allows: 429, with Retry-After from its bucket."""
+
+    reason = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float, messages: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.messages = messages
+
+
 class SpoolError(IngestError):
     """The spool file cannot be used: damaged, foreign, or written by another format version."""
 

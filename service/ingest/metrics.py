@@ -13,8 +13,8 @@ from prometheus_client.utils import floatToGoString
 
 ANONYMOUS = "anonymous"  # the client label when no token file is configured
 REJECT_REASONS = ("invalid", "too_large", "unsupported", "queue_full", "shutting_down", "spool_full", "spool_error",
-                  "unauthorized")
-HTTP_CODES = ("200", "201", "202", "400", "401", "404", "405", "413", "415", "500", "503")
+                  "unauthorized", "rate_limited")
+HTTP_CODES = ("200", "201", "202", "400", "401", "404", "405", "413", "415", "429", "500", "503")
 THREADS = ("listener", "other")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

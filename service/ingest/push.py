@@ -314,7 +314,7 @@ class _Push:
         if 200 <= reply.status < 300:
             return _Outcome(None, latency_s=reply.latency_s)
         error = describe_response(reply.status, reply.body)
-        return _Outcome(error, retry_after_s(reply.retry_after) if reply.status == 503 else None)
+        return _Outcome(error, retry_after_s(reply.retry_after) if reply.status in (429, 503) else None)
 
     async def _post(self, session: aiohttp.ClientSession, body: bytes, headers: dict[str, str]) -> _Reply:
         loop = asyncio.get_running_loop()

@@ -22,10 +22,11 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from ingest.auth import UNKNOWN, Tokens
 from ingest.buffer import Buffer
 from ingest.decoding import decode, decompress
-from ingest.errors import Backpressure, Invalid, Rejected, ShuttingDown, TooLarge, Unauthorized
+from ingest.errors import Backpressure, Invalid, RateLimited, Rejected, ShuttingDown, TooLarge, Unauthorized
 from ingest.identity import IDEMPOTENCY_HEADER, Generator, checked_key, from_field, from_key
 from ingest.messages import Ack, Message, WriteFailed
 from ingest.metrics import ANONYMOUS, Metrics
+from ingest.ratelimit import RateLimiter
 from ingest.spool_writer import SpoolWriter
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class RouteConfig:
     tokens: Tokens | None
     metrics_token: str | None
     unprotected_warning: str | None  # said by /readyz when anyone may push from the network
+    rate_limiter: RateLimiter | None
     is_stopping: Callable[[], bool]
     is_healthy: Callable[[], bool]
     is_ready: Callable[[], bool]
@@ -100,6 +102,9 @@ async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamRe
     except Backpressure as exc:
         metrics.rejected.labels(exc.reason, _label(request)).inc(exc.messages)
         response = error_response(503, str(exc), retry_after_s=exc.retry_after_s)
+    except RateLimited as exc:
+        metrics.rejected.labels(exc.reason, _label(request)).inc(exc.messages)
+        response = error_response(429, str(exc), retry_after_s=exc.retry_after_s)
     except WriteFailed as exc:
         response = error_response(
             500, f"write failed: {exc}", {"stored": exc.stored, "failed": exc.failed}
@@ -126,6 +131,10 @@ async def post_messages(request: web.Request) -> web.Response:
         decompress(raw, request.headers.get("Content-Encoding", ""), config.max_body_bytes),
         request.headers.get("Content-Type", ""),
     )
+    if config.rate_limiter is not None:
+        # Keyed by client name, or by address without tokens (a proxy in front makes that one key).
+        key = client if config.tokens is not None else (request.remote or "?")
+        config.rate_limiter.take(key, len(texts))
     idents, known = _identities(config, request, texts)
     ack = Ack(len(texts)) if ack_mode == "commit" else None
     received_at = time.time()

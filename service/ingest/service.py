@@ -30,6 +30,7 @@ from ingest.listener import ListenerThread
 from ingest.messages import settle_failed, settle_failed_acks
 from ingest.metrics import Metrics
 from ingest.pool import ConnectionPool
+from ingest.ratelimit import RateLimiter
 from ingest.routes import RouteConfig, make_app
 from ingest.shutdown import Shutdown
 from ingest.spool_feeder import SpoolFeeder
@@ -106,6 +107,10 @@ class Service:
             tokens=self.tokens,
             metrics_token=self.settings.metrics_token,
             unprotected_warning=self._unprotected_warning(),
+            rate_limiter=(
+                RateLimiter(self.settings.rate_limit, self.settings.rate_burst or self.settings.rate_limit)
+                if self.settings.rate_limit is not None else None
+            ),
             is_stopping=self.shutdown.stopping.is_set,
             is_healthy=self.healthy,
             is_ready=self.ready,
