@@ -70,6 +70,14 @@ SETTINGS_OPTIONS: list[Decorator] = [
     _option("--auth-tokens", "auth_tokens", envvar="INGEST_AUTH_TOKENS", default=None,
             help="A file of name:token lines: POST /messages then needs Authorization: Bearer <token>. "
                  "SIGHUP reloads it."),
+    _option("--max-connections", "max_connections", envvar="INGEST_MAX_CONNECTIONS", type=int,
+            default=_DEFAULTS.max_connections, help="Client connections open at once; more are closed at once."),
+    _option("--header-timeout", "header_timeout_s", envvar="INGEST_HEADER_TIMEOUT", type=float,
+            default=_DEFAULTS.header_timeout_s, help="Seconds a connection has to send a request's headers."),
+    _option("--body-timeout", "body_timeout_s", envvar="INGEST_BODY_TIMEOUT", type=float,
+            default=_DEFAULTS.body_timeout_s, help="Seconds a request has to send its body; then 408."),
+    _option("--keepalive-timeout", "keepalive_timeout_s", envvar="INGEST_KEEPALIVE_TIMEOUT", type=float,
+            default=_DEFAULTS.keepalive_timeout_s, help="Seconds an idle keep-alive connection stays open."),
     _option("--rate-limit", "rate_limit", envvar="INGEST_RATE_LIMIT", type=float, default=None,
             help="Messages a second each client may send (by token name, or by address without tokens); "
                  "over it, 429 with Retry-After."),

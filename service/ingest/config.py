@@ -41,6 +41,10 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     id_field: str | None = None
     auth_tokens: str | None = None
+    max_connections: int = 1000
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 15.0
     rate_limit: float | None = None
     rate_burst: float | None = None
     tls_cert: str | None = None
@@ -69,9 +73,13 @@ class Settings:
 
     def validate(self) -> None:
         _check_port(self.port)
-        for name in ("consumers", "queue_size", "batch_size", "pool_size", "max_body_bytes", "spool_max_bytes"):
+        for name in ("consumers", "queue_size", "batch_size", "pool_size", "max_body_bytes", "spool_max_bytes",
+                     "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be more than 0 seconds, got {getattr(self, name)}")
         for name in ("enqueue_timeout_s", "batch_linger_s", "drain_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")

@@ -64,6 +64,13 @@ class Unauthorized(Rejected):
     reason = "unauthorized"
 
 
+class RequestTimeout(Rejected):
+    """The body did not arrive within the body timeout; the connection is closed after the reply."""
+
+    status = 408
+    reason = "timeout"
+
+
 class Unsupported(Rejected):
     status = 415
     reason = "unsupported"

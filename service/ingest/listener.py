@@ -15,13 +15,15 @@ from concurrent.futures import Future
 
 from aiohttp import web
 
+from ingest.guard import ConnectionGuard
+
 log = logging.getLogger(__name__)
 
 
 class ListenerThread(threading.Thread):
     def __init__(
-        self, app: web.Application, host: str, port: int, shutdown_timeout_s: float,
-        ssl_context: ssl.SSLContext | None = None,
+        self, app: web.Application, host: str, port: int, shutdown_timeout_s: float, *,
+        guard: ConnectionGuard, keepalive_timeout_s: float = 15.0, ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         # Non-daemon: its handlers may still be answering clients whose messages are committing.
         super().__init__(name="listener", daemon=False)
@@ -30,6 +32,8 @@ class ListenerThread(threading.Thread):
         self._port = port
         self._shutdown_timeout_s = shutdown_timeout_s
         self._ssl_context = ssl_context
+        self._guard = guard
+        self._keepalive_timeout_s = keepalive_timeout_s
         self.started: Future[int] = Future()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -50,21 +54,31 @@ class ListenerThread(threading.Thread):
             access_log=None,
             auto_decompress=False,  # routes.py inflates, with a limit on the inflated size
             shutdown_timeout=self._shutdown_timeout_s,
+            keepalive_timeout=self._keepalive_timeout_s,
+            # After a 408 the rest of a slow body is read for this long before the connection
+            # closes (so the client sees the reply, not a reset); aiohttp's default is 10 s.
+            lingering_time=2.0,
         )
         try:
             await runner.setup()
-            site = web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl_context)
-            await site.start()
+            assert runner.server is not None
+            self._guard.wrap(runner.server)
+            # Our own server instead of aiohttp's TCPSite, so that every connection passes the guard.
+            server = await self._loop.create_server(
+                self._guard, self._host, self._port, ssl=self._ssl_context, reuse_address=True, backlog=1024,
+            )
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
             self.started.set_exception(exc)
             await runner.cleanup()
             return
-        self.started.set_result(_bound_port(runner))
+        self.started.set_result(int(server.sockets[0].getsockname()[1]))
         try:
             await self._stop_event.wait()
         finally:
             # Graceful: stop accepting, let in-flight handlers (clients awaiting commits) finish.
+            server.close()
             await runner.cleanup()
+            await server.wait_closed()
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from any thread."""
@@ -73,10 +87,3 @@ class ListenerThread(threading.Thread):
             # RuntimeError: the loop closed between the check and the call, so it is stopping.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(stop.set)
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple):
-            return int(address[1])
-    raise RuntimeError("listener bound no TCP address")

@@ -13,8 +13,8 @@ from prometheus_client.utils import floatToGoString
 
 ANONYMOUS = "anonymous"  # the client label when no token file is configured
 REJECT_REASONS = ("invalid", "too_large", "unsupported", "queue_full", "shutting_down", "spool_full", "spool_error",
-                  "unauthorized", "rate_limited")
-HTTP_CODES = ("200", "201", "202", "400", "401", "404", "405", "413", "415", "429", "500", "503")
+                  "unauthorized", "rate_limited", "timeout")
+HTTP_CODES = ("200", "201", "202", "400", "401", "404", "405", "408", "413", "415", "429", "500", "503")
 THREADS = ("listener", "other")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -80,6 +80,13 @@ class Metrics:
             "ingest_messages_lost", "Accepted messages not stored when the drain deadline passed", registry=r
         )
         self.http_requests = Counter("ingest_http_requests", "HTTP responses by status code", ["code"], registry=r)
+        self.http_connections = Gauge("ingest_http_connections", "Client connections open", registry=r)
+        self.connections_refused = Counter(
+            "ingest_http_connections_closed", "Connections the guard closed: too_many, header_timeout",
+            ["reason"], registry=r,
+        )
+        for reason in ("too_many", "header_timeout"):
+            self.connections_refused.labels(reason)
         # Pre-create label values so dashboards show 0, not "no data".
         self._received_by_client: dict[str, Counter] = {}
         self.add_clients([ANONYMOUS])

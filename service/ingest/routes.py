@@ -22,7 +22,17 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from ingest.auth import UNKNOWN, Tokens
 from ingest.buffer import Buffer
 from ingest.decoding import decode, decompress
-from ingest.errors import Backpressure, Invalid, RateLimited, Rejected, ShuttingDown, TooLarge, Unauthorized
+from ingest.errors import (
+    Backpressure,
+    Invalid,
+    RateLimited,
+    Rejected,
+    RequestTimeout,
+    ShuttingDown,
+    TooLarge,
+    Unauthorized,
+)
+from ingest.guard import ConnectionGuard
 from ingest.identity import IDEMPOTENCY_HEADER, Generator, checked_key, from_field, from_key
 from ingest.messages import Ack, Message, WriteFailed
 from ingest.metrics import ANONYMOUS, Metrics
@@ -49,6 +59,8 @@ class RouteConfig:
     metrics_token: str | None
     unprotected_warning: str | None  # said by /readyz when anyone may push from the network
     rate_limiter: RateLimiter | None
+    guard: ConnectionGuard
+    body_timeout_s: float
     is_stopping: Callable[[], bool]
     is_healthy: Callable[[], bool]
     is_ready: Callable[[], bool]
@@ -59,7 +71,9 @@ CONFIG = web.AppKey("config", RouteConfig)
 
 def make_app(config: RouteConfig) -> web.Application:
     # client_max_size bounds the raw body; decompress() bounds it again after inflating.
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_to_json])
+    app = web.Application(
+        client_max_size=config.max_body_bytes, middlewares=[config.guard.middleware(), errors_to_json]
+    )
     app[CONFIG] = config
     app.router.add_post("/messages", post_messages)
     app.router.add_get("/healthz", healthz)
@@ -99,6 +113,8 @@ async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamRe
         response = error_response(exc.status, str(exc), exc.detail)
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = "Bearer"
+        if isinstance(exc, RequestTimeout):
+            response.force_close()  # the rest of the body may still be on its way
     except Backpressure as exc:
         metrics.rejected.labels(exc.reason, _label(request)).inc(exc.messages)
         response = error_response(503, str(exc), retry_after_s=exc.retry_after_s)
@@ -126,7 +142,7 @@ async def post_messages(request: web.Request) -> web.Response:
         raise Invalid(f"ack must be enqueue or commit, not {ack_mode!r}")
     if config.is_stopping():
         raise ShuttingDown("service is shutting down")
-    raw = await _read_body(request, config.max_body_bytes)
+    raw = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
     texts = decode(
         decompress(raw, request.headers.get("Content-Encoding", ""), config.max_body_bytes),
         request.headers.get("Content-Type", ""),
@@ -191,15 +207,18 @@ def _json_reply(status: int, text: str) -> web.Response:
     return web.Response(status=status, text=text, content_type="application/json")
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The raw body; over `limit` is TooLarge, whether Content-Length says so or the read finds out."""
+async def _read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """The raw body; over `limit` is TooLarge, whether Content-Length says so or the read finds
+    out; not all there within `timeout_s` is RequestTimeout (a slow client holds no more)."""
     too_large = TooLarge(f"body is over {limit} bytes", {"limit": limit})
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     try:
-        return await request.read()
+        return await asyncio.wait_for(request.read(), timeout_s)
     except web.HTTPRequestEntityTooLarge:  # a chunked body, past client_max_size
         raise too_large from None
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
 
 
 async def _enqueue(config: RouteConfig, batch: list[Message]) -> None:

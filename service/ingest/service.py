@@ -25,6 +25,7 @@ from ingest.buffer import Buffer
 from ingest.config import Settings
 from ingest.consumers import ConsumerThread
 from ingest.errors import SpoolError, StartupError
+from ingest.guard import ConnectionGuard
 from ingest.identity import Generator
 from ingest.listener import ListenerThread
 from ingest.messages import settle_failed, settle_failed_acks
@@ -76,9 +77,13 @@ class Service:
         ssl_context = None
         if settings.tls_cert is not None and settings.tls_key is not None:
             ssl_context = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        self.guard = ConnectionGuard(
+            max_connections=settings.max_connections, header_timeout_s=settings.header_timeout_s, metrics=self.metrics
+        )
         self.listener = ListenerThread(
             make_app(self._route_config()), settings.host, settings.port,
-            shutdown_timeout_s=settings.drain_timeout_s, ssl_context=ssl_context,
+            shutdown_timeout_s=settings.drain_timeout_s, guard=self.guard,
+            keepalive_timeout_s=settings.keepalive_timeout_s, ssl_context=ssl_context,
         )
         self.scheme = "https" if ssl_context is not None else "http"
         self.port: int | None = None
@@ -107,6 +112,8 @@ class Service:
             tokens=self.tokens,
             metrics_token=self.settings.metrics_token,
             unprotected_warning=self._unprotected_warning(),
+            guard=self.guard,
+            body_timeout_s=self.settings.body_timeout_s,
             rate_limiter=(
                 RateLimiter(self.settings.rate_limit, self.settings.rate_burst or self.settings.rate_limit)
                 if self.settings.rate_limit is not None else None
@@ -131,6 +138,7 @@ class Service:
         m.pool_waiting.set_function(lambda: self.pool.waiting)
         m.consumers_alive.set_function(self.supervisor.alive)
         m.consumers_configured.set(self.settings.consumers)
+        m.http_connections.set_function(lambda: self.guard.open_connections)
         if self.spool is not None:
             spool = self.spool
             m.spool_messages.set_function(lambda: spool.messages)

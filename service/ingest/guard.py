@@ -1,0 +1,127 @@
+"""The connection guard: what one client can hold of the listener is bounded.
+
+aiohttp bounds neither how many connections are open nor how long a client may take to send a
+request's headers, so clients that send a byte a second, or open connections and say nothing,
+could hold file descriptors until there are none left. The guard wraps aiohttp's protocol
+factory: past `max_connections` a new connection is closed at once, and a connection that has
+not delivered a complete request head within `header_timeout_s` (counted from its opening, or
+from the end of its previous request) is closed. Reading the body is bounded in routes.py, and
+idle keep-alive connections by aiohttp's own keepalive timeout.
+
+Everything here runs on the listener's event loop: no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from ingest.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ConnectionGuard:
+    def __init__(self, *, max_connections: int, header_timeout_s: float, metrics: Metrics) -> None:
+        self._factory: Callable[[], asyncio.Protocol] | None = None
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self._metrics = metrics
+        self._open: dict[Any, _Guarded] = {}  # transport -> its guarded protocol
+
+    def __repr__(self) -> str:
+        return f"ConnectionGuard(open={len(self._open)}/{self.max_connections})"
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> None:
+        """The protocol factory to guard: aiohttp's server, once its runner is set up."""
+        self._factory = factory
+
+    def __call__(self) -> asyncio.Protocol:
+        assert self._factory is not None, "wrap() the server first"
+        return _Guarded(self, self._factory())
+
+    def middleware(self) -> Any:
+        """Stops a connection's header clock while its request is handled, restarts it after."""
+        guard = self
+
+        @web.middleware
+        async def clock(request: web.Request, handler: Handler) -> web.StreamResponse:
+            guarded = guard._open.get(request.transport)
+            if guarded is not None:
+                guarded.disarm()
+            try:
+                return await handler(request)
+            finally:
+                if guarded is not None:
+                    guarded.arm()
+
+        return clock
+
+
+class _Guarded(asyncio.Protocol):
+    """aiohttp's protocol for one connection, with a limit on its count and a header clock."""
+
+    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
+        self._guard = guard
+        self._inner = inner
+        self._transport: asyncio.BaseTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._admitted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        guard = self._guard
+        if len(guard._open) >= guard.max_connections:
+            guard._metrics.connections_refused.labels("too_many").inc()
+            transport.close()  # inner never learns of it: nothing to tear down there
+            return
+        self._admitted = True
+        guard._open[transport] = self
+        self._inner.connection_made(transport)
+        self.arm()
+
+    def arm(self) -> None:
+        self.disarm()
+        if self._transport is not None and not self._transport.is_closing():
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._guard.header_timeout_s, self._too_slow)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _too_slow(self) -> None:
+        self._timer = None
+        if self._transport is not None and not self._transport.is_closing():
+            self._guard._metrics.connections_refused.labels("header_timeout").inc()
+            self._transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.disarm()
+        if not self._admitted:
+            return
+        self._guard._open.pop(self._transport, None)
+        self._inner.connection_lost(exc)
