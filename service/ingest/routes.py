@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -79,7 +80,16 @@ def make_app(config: RouteConfig) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", _protected_metrics(config))
+    app.router.add_get("/openapi.json", openapi)
     return app
+
+
+# The API's contract, shipped in the package; read once, served as it is.
+_OPENAPI = (Path(__file__).with_name("openapi.json")).read_bytes()
+
+
+async def openapi(_request: web.Request) -> web.Response:
+    return web.Response(body=_OPENAPI, content_type="application/json")
 
 
 def _protected_metrics(config: RouteConfig) -> Handler:
@@ -127,6 +137,10 @@ async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamRe
         )
     except web.HTTPException as exc:
         response = error_response(exc.status, exc.reason)
+        # aiohttp's own headers say something (Allow on a 405): keep them, not its body's.
+        for name, value in exc.headers.items():
+            if name.lower() not in ("content-type", "content-length"):
+                response.headers[name] = value
     except Exception:
         log.exception("handler for %s %s failed", request.method, request.path)
         response = error_response(500, "internal error; see the service log")
