@@ -96,3 +96,41 @@ def test_an_idle_keep_alive_connection_is_closed(make_service) -> None:
     sock.setblocking(False)
     wait_until(lambda: _closed_by_server(sock), 10, "the idle connection closed")
     sock.close()
+
+
+def _raw_reply(port: int, data: bytes) -> tuple[bytes, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < _length(reply):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return head, body
+
+
+def _length(reply: bytes) -> int:
+    for line in reply.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def test_errors_aiohttps_parser_writes_are_json_too(make_service) -> None:
+    service = make_service()
+    start = b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+    cases = {
+        "a header over 8190 bytes": start + b"X-Big: " + b"a" * 9000 + b"\r\n\r\n",
+        "too many headers": start + b"".join(b"X-%d: 1\r\n" % n for n in range(200)) + b"\r\n",
+        "a bad chunk size": start + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+        "Content-Length with chunked": start + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    }
+    for case, data in cases.items():
+        head, body = _raw_reply(service.port, data)
+        assert head[:12] in (b"HTTP/1.1 400", b"HTTP/1.0 400"), (case, head)
+        assert b"Content-Type: application/json" in head, (case, head)
+        reply = json.loads(body)
+        assert reply["error"] and reply["detail"] is None, (case, reply)

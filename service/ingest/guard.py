@@ -8,6 +8,11 @@ not delivered a complete request head within `header_timeout_s` (counted from it
 from the end of its previous request) is closed. Reading the body is bounded in routes.py, and
 idle keep-alive connections by aiohttp's own keepalive timeout.
 
+It also makes the replies aiohttp's HTTP parser writes before any of ingest's code runs (headers
+too long or too many, a bad chunk size, Content-Length with chunked) JSON like every other error:
+aiohttp writes them as plain text from its RequestHandler.handle_error, so the guard builds a
+subclass of that handler which answers the same status with a JSON body.
+
 Everything here runs on the listener's event loop: no locks.
 """
 
@@ -16,9 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from ingest.metrics import Metrics
 
@@ -42,9 +50,11 @@ class ConnectionGuard:
     def open_connections(self) -> int:
         return len(self._open)
 
-    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> None:
-        """The protocol factory to guard: aiohttp's server, once its runner is set up."""
-        self._factory = factory
+    def wrap(self, server: web.Server) -> None:
+        """Guard aiohttp's server (once its runner is set up), with JSON parser errors."""
+        # The handler class is not a parameter of web.Server, so build it the way its __call__
+        # does; aiohttp is pinned below 4, and a test covers each parser error.
+        self._factory = lambda: _JsonErrors(server, loop=server._loop, **server._kwargs)
 
     def __call__(self) -> asyncio.Protocol:
         assert self._factory is not None, "wrap() the server first"
@@ -66,6 +76,20 @@ class ConnectionGuard:
                     guarded.arm()
 
         return clock
+
+
+class _JsonErrors(RequestHandler):
+    """aiohttp's handler, with its own error replies (written before the app runs) as JSON."""
+
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs, and checks nothing was sent yet
+        text = (message or "").strip().splitlines()
+        error = text[0] if text and status != 500 else HTTPStatus(status).phrase
+        reply = web.json_response({"error": error, "detail": None}, status=status)
+        reply.force_close()
+        return reply
 
 
 class _Guarded(asyncio.Protocol):
