@@ -17,12 +17,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 # A fixed, unprivileged uid and gid (10001 both): nothing in the container runs as root.
-# /var/lib/ingest/spool is where the compose stack mounts each replica's spool volume; made here so
-# that a new volume starts owned by ingest.
+# /var/lib/ingest/spool and /var/lib/ingest/tokens are where the compose stack mounts its volumes;
+# made here so that a new volume starts owned by ingest.
 RUN groupadd --system --gid 10001 ingest \
  && useradd --system --uid 10001 --gid ingest --home-dir /var/lib/ingest --create-home \
         --shell /usr/sbin/nologin ingest \
- && install -d -o ingest -g ingest /var/lib/ingest/spool
+ && install -d -o ingest -g ingest /var/lib/ingest/spool /var/lib/ingest/tokens
 COPY --from=build /opt/venv /opt/venv
 USER ingest
 # The default SQLite file (./ingest.db) lands here when no INGEST_DB_URL is given.

@@ -205,6 +205,7 @@ class Stack:
     project: str
     ports: dict[str, int]
     env: dict[str, str] = field(default_factory=dict)
+    cached_token: str | None = field(default=None, repr=False)  # the tokens volume's load token
 
     def __post_init__(self) -> None:
         self.env = {
@@ -233,6 +234,14 @@ class Stack:
     def inspect(self, container: str) -> dict[str, Any]:
         data: list[dict[str, Any]] = json.loads(docker("inspect", container).stdout)
         return data[0]
+
+    def token(self) -> str:
+        """The load client's token, as the stack's `tokens` service wrote it into its volume."""
+        if self.cached_token is None:
+            self.cached_token = self.compose(
+                "exec", "-T", "ingest", "cat", "/var/lib/ingest/tokens/load.token", timeout_s=60
+            ).stdout.strip()
+        return self.cached_token
 
     def sql(self, query: str) -> str:
         """One query through psql inside the postgres container, as the compose user."""

@@ -98,6 +98,11 @@ def _scraped(stack: Stack, service: str = "ingest") -> bool:
     return bool(addresses) and up == addresses
 
 
+def _headers(stack: Stack) -> dict[str, str]:
+    """NDJSON with the load client's token, which the stack's `tokens` service made."""
+    return {"Content-Type": "application/x-ndjson", "Authorization": f"Bearer {stack.token()}"}
+
+
 def _ndjson(seqs: range, run: str) -> bytes:
     return b"".join(json.dumps({"run": run, "seq": s}).encode() + b"\n" for s in seqs)
 
@@ -138,7 +143,7 @@ def test_up_starts_postgres_then_migrate_then_ingest_then_proxy(stack: Stack) ->
 def test_messages_pushed_through_the_proxy_land_in_postgres(stack: Stack) -> None:
     run = uuid.uuid4().hex
     reply = request(f"{stack.proxy_url}/messages?ack=commit", "POST", _ndjson(range(250), run),
-                    {"Content-Type": "application/x-ndjson"})
+                    _headers(stack))
     assert reply.status == 201, reply.body
     assert reply.json() == {"stored": 250, "duplicates": 0}
     assert stack.sql(f"SELECT count(*) FROM messages WHERE payload->>'run' = '{run}'") == "250"
@@ -153,7 +158,7 @@ def test_three_replicas_share_the_traffic_and_each_is_scraped(stack: Stack) -> N
     run = uuid.uuid4().hex
     for i in range(60):
         reply = request(f"{stack.proxy_url}/messages", "POST", _ndjson(range(i * 10, i * 10 + 10), run),
-                        {"Content-Type": "application/x-ndjson"})
+                        _headers(stack))
         assert reply.status == 202, reply.body
 
     def every_replica_received() -> list[dict[str, Any]] | None:
@@ -172,6 +177,7 @@ class Pusher:
 
     url: str
     run: str
+    headers: dict[str, str]
     acked: set[int] = field(default_factory=set)
     durations: list[float] = field(default_factory=list)
     retried: int = 0
@@ -185,7 +191,7 @@ class Pusher:
             started = time.monotonic()
             try:
                 status = request(f"{self.url}/messages", "POST", _ndjson(batch, self.run),
-                                 {"Content-Type": "application/x-ndjson"}, timeout_s=90).status
+                                 self.headers, timeout_s=90).status
             except OSError:
                 status = 0
             with self.lock:
@@ -203,7 +209,7 @@ class Pusher:
 def test_scaling_down_under_load_stalls_no_request_and_loses_nothing(stack: Stack) -> None:
     """nginx kept removed replicas' addresses and waited 60 s to connect to them (issue 6, 3.2)."""
     assert _healthy(stack, "ingest", 3)
-    pusher = Pusher(stack.proxy_url, uuid.uuid4().hex)
+    pusher = Pusher(stack.proxy_url, uuid.uuid4().hex, _headers(stack))
     threads = [threading.Thread(target=pusher.work, args=(i * 10_000_000,), name=f"push-{i}") for i in range(4)]
     for thread in threads:
         thread.start()
@@ -264,7 +270,7 @@ def test_a_killed_replica_keeps_what_it_acknowledged_in_its_spool(stack: Stack) 
     try:
         for i in range(20):
             reply = request(f"{stack.proxy_url}/messages", "POST", _ndjson(range(i * 50, i * 50 + 50), run),
-                            {"Content-Type": "application/x-ndjson"})
+                            _headers(stack))
             assert reply.status == 202, reply.body
         docker("kill", "-s", "KILL", container)
     finally:
@@ -353,3 +359,16 @@ def test_postgres_is_not_healthy_while_its_first_start_listens_on_the_socket_onl
         docker("exec", box, "touch", "/tmp/release")
         wait_until(lambda: docker("exec", box, "sh", "-c", check, check=False).returncode == 0, 60,
                    "the health check to pass once the real server listens on TCP")
+
+
+def test_the_stack_refuses_pushes_without_its_token(stack: Stack) -> None:
+    """Runs after down -v: brings the core up again just long enough to knock without a token."""
+    stack.compose("up", "-d", "--wait", *CORE_SERVICES, timeout_s=300)
+    try:
+        reply = request(f"{stack.proxy_url}/messages", "POST", b'{"a": 1}', {"Content-Type": "application/json"})
+        assert reply.status == 401 and reply.headers["www-authenticate"] == "Bearer"
+        stack.cached_token = None  # a new volume, a new token
+        reply = request(f"{stack.proxy_url}/messages", "POST", _ndjson(range(3), "t"), _headers(stack))
+        assert reply.status == 202, reply.body
+    finally:
+        stack.compose("--profile", "load", "down", "-v", "-t", "30", timeout_s=180)
