@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, settings
 from httpclient import request
 from ingest.config import Settings
 from ingest.service import Service
+from waiting import wait_until
 
 OPENAPI = Path(__file__).resolve().parents[1] / "service" / "ingest" / "openapi.json"
 DOC = json.loads(OPENAPI.read_text())
@@ -108,3 +109,31 @@ schema = schemathesis.openapi.from_dict(_without_ndjson(DOC))
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_generated_requests_get_documented_replies_and_no_5xx(case, api_url) -> None:
     case.call_and_validate(base_url=api_url)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_every_status_documented_for_the_other_routes_is_produced(make_service, monkeypatch) -> None:
+    token = "metrics-token-0123456789"
+    service = make_service(consumers=1, metrics_token=token, batch_linger_s=0)
+    seen: dict[str, set[int]] = {path: set() for path in ("/healthz", "/readyz", "/metrics", "/openapi.json")}
+
+    def get(path: str, headers: dict[str, str] | None = None) -> None:
+        seen[path].add(request(f"{service.url}{path}", headers=headers).status)
+
+    for path in seen:
+        get(path, {"Authorization": f"Bearer {token}"})
+    get("/metrics")  # 401 without the token
+    service.store.reachable = False  # what the probe sets when the database stops answering
+    get("/readyz")
+    monkeypatch.setattr(service.supervisor, "check", lambda: None)  # leave the dead consumer dead
+
+    def die(batch: object) -> object:
+        raise RuntimeError("injected: a consumer dies")
+
+    monkeypatch.setattr(service.store, "write", die)
+    assert request(f"{service.url}/messages", "POST", b'{"a": 1}', {"Content-Type": "application/json"}).status == 202
+    wait_until(lambda: not service.healthy(), 10, "the consumer dead")
+    get("/healthz")
+    for path, statuses in seen.items():
+        documented = {int(code) for code in DOC["paths"][path]["get"]["responses"]}
+        assert statuses == documented, (path, statuses, documented)

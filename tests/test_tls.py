@@ -108,3 +108,18 @@ def test_push_trusts_the_ca_it_is_given(make_service, ca, server_files, tmp_path
         capture_output=True, text=True, timeout=60,
     )
     assert untrusted.returncode == 1 and "certificate verify failed" in untrusted.stdout + untrusted.stderr
+
+
+def test_top_reads_an_https_service_with_its_token(make_service, ca, server_files, tmp_path) -> None:
+    cert, key = server_files
+    token = "metrics-token-0123456789"
+    service = make_service(tls_cert=cert, tls_key=key, metrics_token=token)
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    done = subprocess.run(
+        [sys.executable, "-m", "ingest", "top", "--once", "--url", service.url, "--token", token,
+         "--cacert", str(ca_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert service.url in done.stdout

@@ -240,11 +240,12 @@ def push(**values: Any) -> None:
               help="Seconds between refreshes.")
 @click.option("--token", envvar="INGEST_METRICS_TOKEN", show_envvar=True, default=None,
               help="Bearer token for /metrics, for a service started with --metrics-token.")
-def top(url: str, once: bool, interval_s: float, token: str | None) -> None:
+@click.option("--cacert", default=None, help="A CA file to trust for an https:// URL (default: the system's).")
+def top(url: str, once: bool, interval_s: float, token: str | None, cacert: str | None) -> None:
     """A live view of a running service, read from its /metrics."""
     from ingest import top as viewer
 
-    sys.exit(viewer.run(url=url, once=once, interval_s=interval_s, out=sys.stdout, token=token))
+    sys.exit(viewer.run(url=url, once=once, interval_s=interval_s, out=sys.stdout, token=token, cacert=cacert))
 
 
 def run(argv: list[str] | None = None) -> int:

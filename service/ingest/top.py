@@ -8,6 +8,7 @@ ingest it can reach over HTTP. Rates need two scrapes, so `--once` also scrapes 
 from __future__ import annotations
 
 import math
+import ssl
 import threading
 import time
 import urllib.error
@@ -195,6 +196,7 @@ def run(
     out: TextIO,
     stop: threading.Event | None = None,
     token: str | None = None,
+    cacert: str | None = None,
 ) -> int:
     """Show the service at `url` until Ctrl-C (or `stop` is set); with `once`, one screen.
 
@@ -206,14 +208,14 @@ def run(
     timeout_s = max(1.0, min(interval_s, 5.0))
     tty = out.isatty()
     try:
-        current, current_at = fetch(metrics_url, timeout_s, token), time.monotonic()
+        current, current_at = fetch(metrics_url, timeout_s, token, cacert), time.monotonic()
         previous: Snapshot | None = None
         previous_at = current_at
         if once:
             if stop.wait(interval_s):
                 return EXIT_OK
             previous, previous_at = current, current_at
-            current, current_at = fetch(metrics_url, timeout_s, token), time.monotonic()
+            current, current_at = fetch(metrics_url, timeout_s, token, cacert), time.monotonic()
             out.write(_header(metrics_url, None) + render(current, previous, current_at - previous_at))
             out.flush()
             return EXIT_OK
@@ -226,7 +228,7 @@ def run(
             if stop.wait(interval_s):
                 return EXIT_OK
             try:
-                latest, latest_at = fetch(metrics_url, timeout_s, token), time.monotonic()
+                latest, latest_at = fetch(metrics_url, timeout_s, token, cacert), time.monotonic()
             except ClientError as exc:
                 warning = f"!! {exc} (retrying)\n"
                 continue
@@ -239,12 +241,13 @@ def run(
         return EXIT_OK
 
 
-def fetch(metrics_url: str, timeout_s: float, token: str | None = None) -> Snapshot:
+def fetch(metrics_url: str, timeout_s: float, token: str | None = None, cacert: str | None = None) -> Snapshot:
     """One scrape; every way it can fail becomes a ClientError with the URL in it."""
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     try:
+        context = ssl.create_default_context(cafile=cacert) if cacert is not None else None
         scrape = urllib.request.Request(metrics_url, headers=headers)
-        with urllib.request.urlopen(scrape, timeout=timeout_s) as response:
+        with urllib.request.urlopen(scrape, timeout=timeout_s, context=context) as response:
             body = response.read().decode("utf-8")
     except urllib.error.HTTPError as exc:
         raise ClientError(f"cannot reach {metrics_url}: HTTP {exc.code} {exc.reason}") from None
