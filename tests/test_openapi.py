@@ -78,39 +78,6 @@ def test_every_status_documented_for_post_messages_is_produced(make_service, pos
     assert seen == documented, f"documented but not produced: {documented - seen}; produced: {seen - documented}"
 
 
-# ---------------------------------------------------------------- Schemathesis
-
-
-@pytest.fixture(scope="module")
-def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One real service for every generated request (Hypothesis runs many examples a test)."""
-    db = tmp_path_factory.mktemp("openapi") / "api.db"
-    service = Service(Settings.from_mapping({"port": 0, "db_url": f"sqlite:///{db}", "consumers": 2}))
-    service.start()
-    try:
-        yield service.url
-    finally:
-        service.stop()
-
-
-def _without_ndjson(doc: dict) -> dict:
-    """The document minus its NDJSON body. Its schema can only say "a string", and most strings
-    are not NDJSON, so generated "valid" bodies would be refused rightly; the NDJSON decoder has
-    its own tests (test_decoding.py). The JSON body's schema is exact and is fuzzed here."""
-    trimmed = json.loads(json.dumps(doc))
-    del trimmed["paths"]["/messages"]["post"]["requestBody"]["content"]["application/x-ndjson"]
-    return trimmed
-
-
-schema = schemathesis.openapi.from_dict(_without_ndjson(DOC))
-
-
-@schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-def test_generated_requests_get_documented_replies_and_no_5xx(case, api_url) -> None:
-    case.call_and_validate(base_url=api_url)
-
-
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_every_status_documented_for_the_other_routes_is_produced(make_service, monkeypatch) -> None:
     token = "metrics-token-0123456789"
@@ -137,3 +104,38 @@ def test_every_status_documented_for_the_other_routes_is_produced(make_service, 
     for path, statuses in seen.items():
         documented = {int(code) for code in DOC["paths"][path]["get"]["responses"]}
         assert statuses == documented, (path, statuses, documented)
+
+
+# ---------------------------------------------------------------- Schemathesis
+
+
+@pytest.fixture(scope="module")
+def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real service for every generated request (Hypothesis runs many examples a test).
+    It lives until the module ends, so tests using make_service stay above this section: that
+    fixture checks no service thread is left when each of its tests ends."""
+    db = tmp_path_factory.mktemp("openapi") / "api.db"
+    service = Service(Settings.from_mapping({"port": 0, "db_url": f"sqlite:///{db}", "consumers": 2}))
+    service.start()
+    try:
+        yield service.url
+    finally:
+        service.stop()
+
+
+def _without_ndjson(doc: dict) -> dict:
+    """The document minus its NDJSON body. Its schema can only say "a string", and most strings
+    are not NDJSON, so generated "valid" bodies would be refused rightly; the NDJSON decoder has
+    its own tests (test_decoding.py). The JSON body's schema is exact and is fuzzed here."""
+    trimmed = json.loads(json.dumps(doc))
+    del trimmed["paths"]["/messages"]["post"]["requestBody"]["content"]["application/x-ndjson"]
+    return trimmed
+
+
+schema = schemathesis.openapi.from_dict(_without_ndjson(DOC))
+
+
+@schema.parametrize()
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_generated_requests_get_documented_replies_and_no_5xx(case, api_url) -> None:
+    case.call_and_validate(base_url=api_url)
