@@ -278,6 +278,7 @@ class _Push:
         outcome = _Outcome("not sent")
         for attempt in range(1, o.max_attempts + 1):
             if outcome.retry_in_s is not None:
+                self.summary.waited_s += outcome.retry_in_s
                 await asyncio.sleep(outcome.retry_in_s)
                 if self.gone is not None:
                     return self._fail(size, self.gone)

@@ -29,6 +29,7 @@ class PushSummary:
     retried: int = 0
     failed: int = 0
     elapsed_s: float = 0.0
+    waited_s: float = 0.0  # spent waiting before re-sends, as Retry-After or backoff asked
     latencies_s: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -45,7 +46,8 @@ class PushSummary:
             f"sent          {self.sent} of {self.count} messages"
             + (f" ({self.count - self.sent} not sent)" if self.sent < self.count else ""),
             f"acknowledged  {self.acknowledged}",
-            f"retried       {self.retried} re-sends after a 503 or a connection error",
+            f"retried       {self.retried} re-sends after a 503, a 429 or a connection error"
+            + (f"; waited {self.waited_s:.1f} s in all" if self.retried else ""),
             f"failed        {self.failed} messages",
             f"throughput    {self.messages_per_s:.1f} messages/s over {self.elapsed_s:.2f} s",
             f"latency       {_latency_line(self.latencies_s)}",

@@ -26,10 +26,12 @@ from ingest.decoding import decode, decompress
 from ingest.errors import (
     Backpressure,
     Invalid,
+    QueueFull,
     RateLimited,
     Rejected,
     RequestTimeout,
     ShuttingDown,
+    SpoolFull,
     TooLarge,
     Unauthorized,
 )
@@ -62,6 +64,7 @@ class RouteConfig:
     rate_limiter: RateLimiter | None
     guard: ConnectionGuard
     body_timeout_s: float
+    retry_after_s: Callable[[int], float]  # backlog in messages -> seconds until room is likely
     is_stopping: Callable[[], bool]
     is_healthy: Callable[[], bool]
     is_ready: Callable[[], bool]
@@ -171,7 +174,12 @@ async def post_messages(request: web.Request) -> web.Response:
     batch = [
         Message(text, received_at, ack, ident=ident, known=known) for text, ident in zip(texts, idents, strict=True)
     ]
-    await _enqueue(config, batch)
+    try:
+        await _enqueue(config, batch)
+    except (QueueFull, SpoolFull) as exc:
+        backlog = config.spool.messages if isinstance(exc, SpoolFull) and config.spool else config.buffer.depth()
+        exc.retry_after_s = config.retry_after_s(backlog)
+        raise
     config.metrics.count_received(client, len(batch))
     if ack is None:
         return _json_reply(202, f'{{"accepted": {len(batch)}}}')

@@ -28,8 +28,9 @@ from ingest.errors import SpoolError, StartupError
 from ingest.guard import ConnectionGuard
 from ingest.identity import Generator
 from ingest.listener import ListenerThread
-from ingest.messages import settle_failed, settle_failed_acks
+from ingest.messages import Message, settle_failed, settle_failed_acks
 from ingest.metrics import Metrics
+from ingest.pace import Throughput
 from ingest.pool import ConnectionPool
 from ingest.ratelimit import RateLimiter
 from ingest.routes import RouteConfig, make_app
@@ -67,6 +68,7 @@ class Service:
         if settings.spool is not None:
             self.spool = SpoolWriter(Path(settings.spool), sync=settings.spool_sync, max_bytes=settings.spool_max_bytes)
         self.feeder: SpoolFeeder | None = None
+        self.throughput = Throughput()
         self.supervisor = Supervisor(
             self._make_consumer,
             self.metrics.thread_errors,
@@ -114,6 +116,7 @@ class Service:
             unprotected_warning=self._unprotected_warning(),
             guard=self.guard,
             body_timeout_s=self.settings.body_timeout_s,
+            retry_after_s=self.throughput.retry_after_s,
             rate_limiter=(
                 RateLimiter(self.settings.rate_limit, self.settings.rate_burst or self.settings.rate_limit)
                 if self.settings.rate_limit is not None else None
@@ -155,8 +158,14 @@ class Service:
             linger_s=self.settings.batch_linger_s,
             hard_stop=self.shutdown.hard_stop,
             startup=startup,
-            on_settled=self.spool.forget if self.spool is not None else None,
+            on_settled=self._settled,
         )
+
+    def _settled(self, batch: list[Message]) -> None:
+        """A consumer's batch is in the database: pace the Retry-After, free the spool's rows."""
+        self.throughput.record(len(batch))
+        if self.spool is not None:
+            self.spool.forget(batch)
 
     def healthy(self) -> bool:
         consumers_ok = self.supervisor.alive() == self.settings.consumers
