@@ -5,17 +5,10 @@ from __future__ import annotations
 import json
 import sqlite3
 
+from fakeclock import Clock
 from httpclient import request
 from ingest.pace import Throughput
 from waiting import wait_until
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_the_wait_is_the_backlog_at_the_recent_rate_and_grows_when_nothing_is_stored() -> None:

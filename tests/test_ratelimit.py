@@ -7,19 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from fakeclock import Clock
 from httpclient import request
 from ingest.errors import RateLimited
 from ingest.push import PushOptions, run
 from ingest.ratelimit import RateLimiter
 from probes import metric
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_bucket_refills_at_its_rate_and_says_how_long_to_wait() -> None:
