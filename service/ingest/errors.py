@@ -79,6 +79,7 @@ class Unsupported(Rejected):
 class Backpressure(IngestError):
     """The service cannot take the request now; the client should retry after `retry_after_s`."""
 
+    status = 503
     reason = "queue_full"
 
     def __init__(self, message: str, retry_after_s: float = 1.0, messages: int = 1) -> None:
@@ -105,6 +106,13 @@ class SpoolUnavailable(Backpressure):
     reason = "spool_error"
 
 
+class RateLimited(Backpressure):
+    """A client sent more than its rate limit allows: 429, with Retry-After from its bucket."""
+
+    status = 429
+    reason = "rate_limited"
+
+
 class StoreError(IngestError):
     """A batch could not be written."""
 
@@ -115,17 +123,6 @@ class TransientStoreError(StoreError):
 
 class PermanentStoreError(StoreError):
     """The database refuses the data itself; retrying cannot help."""
-
-
-class RateLimited(IngestError):
-    """A client sent more than its rate limit allows: 429, with Retry-After from its bucket."""
-
-    reason = "rate_limited"
-
-    def __init__(self, message: str, retry_after_s: float, messages: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-        self.messages = messages
 
 
 class SpoolError(IngestError):

@@ -11,7 +11,7 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,6 @@ from ingest.errors import (
     Backpressure,
     Invalid,
     QueueFull,
-    RateLimited,
     Rejected,
     RequestTimeout,
     ShuttingDown,
@@ -128,12 +127,9 @@ async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamRe
             response.headers["WWW-Authenticate"] = "Bearer"
         if isinstance(exc, RequestTimeout):
             response.force_close()  # the rest of the body may still be on its way
-    except Backpressure as exc:
+    except Backpressure as exc:  # 503, or 429 for a client over its rate limit
         metrics.rejected.labels(exc.reason, _label(request)).inc(exc.messages)
-        response = error_response(503, str(exc), retry_after_s=exc.retry_after_s)
-    except RateLimited as exc:
-        metrics.rejected.labels(exc.reason, _label(request)).inc(exc.messages)
-        response = error_response(429, str(exc), retry_after_s=exc.retry_after_s)
+        response = error_response(exc.status, str(exc), retry_after_s=exc.retry_after_s)
     except WriteFailed as exc:
         response = error_response(
             500, f"write failed: {exc}", {"stored": exc.stored, "failed": exc.failed}
@@ -153,7 +149,7 @@ async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamRe
 
 async def post_messages(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
-    client = _client(config, request)
+    client = _client(request)
     ack_mode = request.query.get("ack", config.default_ack)
     if ack_mode not in ("enqueue", "commit"):
         raise Invalid(f"ack must be enqueue or commit, not {ack_mode!r}")
@@ -187,12 +183,10 @@ async def post_messages(request: web.Request) -> web.Response:
     return _json_reply(201, f'{{"stored": {stored}, "duplicates": {duplicates}}}')
 
 
-def _client(config: RouteConfig, request: web.Request) -> str:
+def _client(request: web.Request) -> str:
     """The client's name from its bearer token; Unauthorized without a valid one."""
-    if config.tokens is None:
-        return ANONYMOUS
-    client = config.tokens.client(request.headers.get("Authorization"))
-    if client is None:
+    client = _label(request)
+    if client == UNKNOWN:  # a reserved name: no token file may use it
         raise Unauthorized("missing or unknown token: send Authorization: Bearer <token>")
     return client
 
@@ -206,7 +200,7 @@ def _label(request: web.Request) -> str:
     return tokens.client(request.headers.get("Authorization")) or UNKNOWN
 
 
-def _identities(config: RouteConfig, request: web.Request, texts: list[str]) -> tuple[list[str | None], bool]:
+def _identities(config: RouteConfig, request: web.Request, texts: list[str]) -> tuple[Sequence[str | None], bool]:
     """Each message's identity, and whether it may be stored already (not if freshly generated).
 
     Without a key, a field or a spool, no second copy of a message can ever reach the store, so
@@ -216,11 +210,11 @@ def _identities(config: RouteConfig, request: web.Request, texts: list[str]) -> 
     if key is not None:
         key = checked_key(key)  # checked even where --id-field decides: a bad key is a client bug
     if config.id_field is not None:
-        return list(from_field(texts, config.id_field)), True
+        return from_field(texts, config.id_field), True
     if key is not None:
-        return list(from_key(key, len(texts))), True
+        return from_key(key, len(texts)), True
     if config.spool is not None:  # a crash after the database commit re-sends spooled messages
-        return list(config.identities.take(len(texts))), False
+        return config.identities.take(len(texts)), False
     return [None] * len(texts), False
 
 

@@ -36,7 +36,7 @@ from ingest.ratelimit import RateLimiter
 from ingest.routes import RouteConfig, make_app
 from ingest.shutdown import Shutdown
 from ingest.spool_feeder import SpoolFeeder
-from ingest.spool_writer import SpoolWriter
+from ingest.spool_writer import KEPT_IN_SPOOL, SpoolWriter
 from ingest.store import Store
 from ingest.supervisor import Supervisor
 from ingest.tls import server_context
@@ -79,6 +79,7 @@ class Service:
         ssl_context = None
         if settings.tls_cert is not None and settings.tls_key is not None:
             ssl_context = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        self.unprotected_warning = self._unprotected_warning()
         self.guard = ConnectionGuard(
             max_connections=settings.max_connections, header_timeout_s=settings.header_timeout_s, metrics=self.metrics
         )
@@ -113,7 +114,7 @@ class Service:
             spool=self.spool,
             tokens=self.tokens,
             metrics_token=self.settings.metrics_token,
-            unprotected_warning=self._unprotected_warning(),
+            unprotected_warning=self.unprotected_warning,
             guard=self.guard,
             body_timeout_s=self.settings.body_timeout_s,
             retry_after_s=self.throughput.retry_after_s,
@@ -189,9 +190,8 @@ class Service:
             self.stop()
             raise
         self._ready.set()
-        warning = self._unprotected_warning()
-        if warning is not None:
-            log.warning("%s", warning)
+        if self.unprotected_warning is not None:
+            log.warning("%s", self.unprotected_warning)
         log.info("ingest ready on %s (%s, %d consumers)", self.url, self.pool.dialect, self.settings.consumers)
 
     def _open_spool(self) -> None:
@@ -362,7 +362,7 @@ class Service:
         self.spool.close()  # after the consumers: their last deletions are committed first
         self.spool.join()
         self.spool.release()
-        settle_failed_acks(self.spool.orphaned_acks(), "not stored before shutdown; kept in the spool")
+        settle_failed_acks(self.spool.orphaned_acks(), KEPT_IN_SPOOL)
         if self.spool.messages:
             log.warning("spool %s: %d message(s) stay in the spool; the next start stores them",
                         self.spool.path, self.spool.messages)
@@ -371,7 +371,7 @@ class Service:
         leftovers = self.buffer.take_all()
         if leftovers and self.spool is not None:
             # Not lost: every one of them is still in the spool file.
-            settle_failed(leftovers, "not stored before shutdown; kept in the spool for the next start")
+            settle_failed(leftovers, KEPT_IN_SPOOL)
             return 0
         if leftovers:
             self.metrics.lost.inc(len(leftovers))

@@ -24,7 +24,7 @@ from ingest import spool
 from ingest.buffer import Buffer
 from ingest.errors import QueueFull, ShuttingDown
 from ingest.messages import Message, settle_failed
-from ingest.spool_writer import SpoolWriter
+from ingest.spool_writer import KEPT_IN_SPOOL, SpoolWriter
 
 log = logging.getLogger(__name__)
 
@@ -98,5 +98,5 @@ class SpoolFeeder(threading.Thread):
     @staticmethod
     def _keep(batch: list[Message]) -> bool:
         """Not fed before the end: the rows stay in the spool; waiting clients hear it now."""
-        settle_failed(batch, "not stored before shutdown; kept in the spool for the next start")
+        settle_failed(batch, KEPT_IN_SPOOL)
         return False

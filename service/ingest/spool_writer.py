@@ -26,6 +26,8 @@ from ingest.messages import Ack, Message
 
 log = logging.getLogger(__name__)
 
+# What a waiting ack=commit client hears when its messages outlast a shutdown in the spool.
+KEPT_IN_SPOOL = "not stored before shutdown; kept in the spool for the next start"
 _INSERT = "INSERT INTO spool (seq, ident, known, received_at, payload) VALUES (?, ?, ?, ?, ?)"
 _DELETE = "DELETE FROM spool WHERE seq = ?"
 
