@@ -19,6 +19,13 @@ class Reply:
     def json(self) -> Any:
         return json.loads(self.body)
 
+    def counts(self) -> dict[str, Any]:
+        """A 2xx reply's body without its request id, after checking the id is there, twice."""
+        body = dict(self.json())
+        request_id = body.pop("request")
+        assert request_id and self.headers["x-request-id"] == request_id, (request_id, self.headers)
+        return body
+
 
 def request(
     url: str,

@@ -16,7 +16,7 @@ def test_upgrade_creates_tables_without_drift(db_url, make_engine) -> None:
     assert migrate.current(engine) is None
     migrate.upgrade(engine)
     migrate.upgrade(engine)  # a second run is a no-op
-    assert migrate.current(engine) == migrate.head() == "0002"
+    assert migrate.current(engine) == migrate.head() == "0003"
     assert {"messages", "dead_letters", "alembic_version"} <= set(inspect(engine).get_table_names())
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
@@ -28,9 +28,9 @@ def test_ingest_db_upgrade_command_from_any_directory(postgres_url, tmp_path) ->
     command = [sys.executable, "-m", "ingest", "db", "upgrade", "--db", postgres_url]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith(": empty -> 0002")
+    assert done.stdout.strip().endswith(": empty -> 0003")
     again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    assert again.stdout.strip().endswith(": 0002 -> 0002")
+    assert again.stdout.strip().endswith(": 0003 -> 0003")
 
 
 def test_serve_without_migrations_on_empty_database_says_what_to_do(sqlite_url) -> None:
@@ -40,7 +40,7 @@ def test_serve_without_migrations_on_empty_database_says_what_to_do(sqlite_url) 
     )
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == (
-        "ingest: error: database schema is at revision none, this ingest needs 0002: "
+        "ingest: error: database schema is at revision none, this ingest needs 0003: "
         "run `ingest db upgrade` or start without --no-migrate"
     )
 

@@ -39,7 +39,7 @@ class ConsumerThread(threading.Thread):
         hard_stop: threading.Event,
         startup: threading.Barrier | None = None,
         idle_wait_s: float = 0.5,
-        on_settled: Callable[[list[Message]], None] | None = None,
+        on_settled: Callable[[list[Message], WriteResult], None] | None = None,
     ) -> None:
         super().__init__(name=name, daemon=False)
         self._buffer = buffer
@@ -122,7 +122,7 @@ class ConsumerThread(threading.Thread):
             self._metrics.message_latency.observe(committed - received_at, count)
         self._metrics.stored.inc(len(result.stored))
         if self._on_settled is not None:
-            self._on_settled(batch)
+            self._on_settled(batch, result)
         settle_stored(result.stored)
         if result.duplicates:
             self._metrics.duplicates.inc(len(result.duplicates))

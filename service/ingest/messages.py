@@ -15,6 +15,7 @@ class WriteFailed(StoreError):
         super().__init__(message)
         self.stored = stored
         self.failed = failed
+        self.request_id: str | None = None  # set by the handler that reports it
 
 
 class Ack:
@@ -75,6 +76,26 @@ class Ack:
             self.future.set_result((self._stored, self._duplicates))
 
 
+class Receipt:
+    """What became of one request's messages, as far as this process knows (receipts.py).
+
+    Shared by the request's messages; consumers add to it under the ledger's lock. The database
+    keeps the same counts in `requests`, written in the transactions that store the messages.
+    """
+
+    __slots__ = ("accepted", "dead", "id", "received_at", "stored")
+
+    def __init__(self, request_id: str, accepted: int, received_at: float) -> None:
+        self.id = request_id
+        self.accepted = accepted
+        self.received_at = received_at
+        self.stored = 0  # in the database, written by this request or (duplicates) an earlier one
+        self.dead = 0
+
+    def __repr__(self) -> str:
+        return f"Receipt({self.id}, accepted={self.accepted}, stored={self.stored}, dead={self.dead})"
+
+
 class Message:
     """One accepted message: the JSON text of an object, as received; `received_at` is epoch
     seconds at the listener. Text, not a dict: smaller in the buffer, and never re-encoded.
@@ -82,9 +103,10 @@ class Message:
     `ident` is its identity (identity.py); None when no second copy of it can ever reach the
     store (generated, without a spool), so nothing needs to remember it. `known` is False only
     for an identity no stored row can have yet: the store may then skip the duplicate check.
+    `receipt` is its request's (None for rows spooled by an ingest that had no receipts).
     """
 
-    __slots__ = ("ack", "ident", "known", "received_at", "seq", "text")
+    __slots__ = ("ack", "ident", "known", "receipt", "received_at", "seq", "text")
 
     def __init__(
         self,
@@ -95,6 +117,7 @@ class Message:
         ident: str | None,
         known: bool = True,
         seq: int | None = None,
+        receipt: Receipt | None = None,
     ) -> None:
         self.text = text
         self.received_at = received_at
@@ -102,6 +125,7 @@ class Message:
         self.ident = ident
         self.known = known
         self.seq = seq  # its place in the spool, when there is one: it leaves once stored
+        self.receipt = receipt
 
     def __repr__(self) -> str:
         return f"Message({self.ident}, received_at={self.received_at:.6f}, ack={self.ack is not None})"

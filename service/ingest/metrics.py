@@ -76,6 +76,11 @@ class Metrics:
         self.dead_lettered = Counter(
             "ingest_messages_dead_lettered", "Messages the database refused, kept in dead_letters", registry=r
         )
+        self.dead_letters_waiting = Gauge(
+            "ingest_dead_letters_waiting",
+            "Rows in dead_letters (every replica's), waiting to be replayed or purged; counted every 15 s",
+            registry=r,
+        )
         self.lost = Counter(
             "ingest_messages_lost", "Accepted messages not stored when the drain deadline passed", registry=r
         )

@@ -39,6 +39,7 @@ from ingest.identity import IDEMPOTENCY_HEADER, Generator, checked_key, from_fie
 from ingest.messages import Ack, Message, WriteFailed
 from ingest.metrics import ANONYMOUS, Metrics
 from ingest.ratelimit import RateLimiter
+from ingest.receipts import REQUEST_ID_HEADER, Counts, Ledger, is_sane
 from ingest.spool_writer import SpoolWriter
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,10 @@ class RouteConfig:
     guard: ConnectionGuard
     body_timeout_s: float
     retry_after_s: Callable[[int], float]  # backlog in messages -> seconds until room is likely
+    ledger: Ledger
+    lookup_receipt: Callable[[str], Counts | None]  # from the database; blocking, so run on `lookups`
+    lookups: Executor
+    lookup_timeout_s: float
     is_stopping: Callable[[], bool]
     is_healthy: Callable[[], bool]
     is_ready: Callable[[], bool]
@@ -79,6 +84,7 @@ def make_app(config: RouteConfig) -> web.Application:
     )
     app[CONFIG] = config
     app.router.add_post("/messages", post_messages)
+    app.router.add_get("/requests/{id}", get_request)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", _protected_metrics(config))
@@ -131,9 +137,10 @@ async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamRe
         metrics.rejected.labels(exc.reason, _label(request)).inc(exc.messages)
         response = error_response(exc.status, str(exc), retry_after_s=exc.retry_after_s)
     except WriteFailed as exc:
-        response = error_response(
-            500, f"write failed: {exc}", {"stored": exc.stored, "failed": exc.failed}
-        )
+        detail = {"stored": exc.stored, "failed": exc.failed, "request": exc.request_id}
+        response = error_response(500, f"write failed: {exc}", detail)
+        if exc.request_id is not None:
+            response.headers[REQUEST_ID_HEADER] = exc.request_id
     except web.HTTPException as exc:
         response = error_response(exc.status, exc.reason)
         # aiohttp's own headers say something (Allow on a 405): keep them, not its body's.
@@ -167,20 +174,73 @@ async def post_messages(request: web.Request) -> web.Response:
     idents, known = _identities(config, request, texts)
     ack = Ack(len(texts)) if ack_mode == "commit" else None
     received_at = time.time()
+    request_id = config.ledger.request_id(request.headers.get(REQUEST_ID_HEADER))
+    receipt = config.ledger.open(request_id, len(texts), received_at)
     batch = [
-        Message(text, received_at, ack, ident=ident, known=known) for text, ident in zip(texts, idents, strict=True)
+        Message(text, received_at, ack, ident=ident, known=known, receipt=receipt)
+        for text, ident in zip(texts, idents, strict=True)
     ]
     try:
         await _enqueue(config, batch)
     except (QueueFull, SpoolFull) as exc:
+        config.ledger.withdraw(receipt)
         backlog = config.spool.messages if isinstance(exc, SpoolFull) and config.spool else config.buffer.depth()
         exc.retry_after_s = config.retry_after_s(backlog)
         raise
+    except BaseException:
+        config.ledger.withdraw(receipt)
+        raise
     config.metrics.count_received(client, len(batch))
     if ack is None:
-        return _json_reply(202, f'{{"accepted": {len(batch)}}}')
-    stored, duplicates = await asyncio.wrap_future(ack.future)
-    return _json_reply(201, f'{{"stored": {stored}, "duplicates": {duplicates}}}')
+        return _json_reply(202, f'{{"accepted": {len(batch)}, "request": "{request_id}"}}', request_id)
+    try:
+        stored, duplicates = await asyncio.wrap_future(ack.future)
+    except WriteFailed as exc:
+        exc.request_id = request_id
+        raise
+    body = f'{{"stored": {stored}, "duplicates": {duplicates}, "request": "{request_id}"}}'
+    return _json_reply(201, body, request_id)
+
+
+async def get_request(request: web.Request) -> web.Response:
+    """A receipt: the database's counts, or this process's while the request is in flight here."""
+    config = request.app[CONFIG]
+    _client(request)  # whoever may push may ask
+    request_id = request.match_info["id"]
+    if not is_sane(request_id):
+        return _unknown_request(request_id)
+    # Asked before the database: a consumer may commit the last of it, and drop it from the
+    # ledger, while the database is being asked.
+    in_flight = config.ledger.lookup(request_id)
+    try:
+        counts = await asyncio.wait_for(
+            asyncio.get_running_loop().run_in_executor(config.lookups, config.lookup_receipt, request_id),
+            config.lookup_timeout_s,
+        )
+    except Exception as exc:  # noqa: BLE001 - a database that does not answer: say what we know here
+        log.warning("receipt lookup of %s failed: %s", request_id, _reason(exc))
+        counts = config.ledger.lookup(request_id) or in_flight
+        if counts is None:
+            return error_response(503, "the database did not answer; try again", retry_after_s=5)
+        return web.json_response(counts.as_json(request_id))
+    if counts is None:  # nothing of it committed yet: accepted here, or not known
+        counts = config.ledger.lookup(request_id) or in_flight
+    if counts is None:
+        return _unknown_request(request_id)
+    return web.json_response(counts.as_json(request_id))
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__  # a TimeoutError says nothing
+
+
+def _unknown_request(request_id: str) -> web.Response:
+    return error_response(
+        404,
+        "no such request: nothing of it is in the database, and it is not in flight on this replica",
+        {"request": request_id},
+    )
 
 
 def _client(request: web.Request) -> str:
@@ -218,9 +278,12 @@ def _identities(config: RouteConfig, request: web.Request, texts: list[str]) -> 
     return [None] * len(texts), False
 
 
-def _json_reply(status: int, text: str) -> web.Response:
-    # The hot path's replies are one integer: no need for json.dumps on every request.
-    return web.Response(status=status, text=text, content_type="application/json")
+def _json_reply(status: int, text: str, request_id: str) -> web.Response:
+    # The hot path's replies are a few integers and a request id of safe characters (receipts.py):
+    # no need for json.dumps on every request.
+    return web.Response(
+        status=status, text=text, content_type="application/json", headers={REQUEST_ID_HEADER: request_id}
+    )
 
 
 async def _read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:

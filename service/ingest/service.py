@@ -15,11 +15,11 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
-from ingest import migrate
+from ingest import migrate, receipt_rows
 from ingest.auth import UNKNOWN, Tokens
 from ingest.buffer import Buffer
 from ingest.config import Settings
@@ -33,11 +33,12 @@ from ingest.metrics import Metrics
 from ingest.pace import Throughput
 from ingest.pool import ConnectionPool
 from ingest.ratelimit import RateLimiter
+from ingest.receipts import Ledger
 from ingest.routes import RouteConfig, make_app
 from ingest.shutdown import Shutdown
 from ingest.spool_feeder import SpoolFeeder
 from ingest.spool_writer import KEPT_IN_SPOOL, SpoolWriter
-from ingest.store import Store
+from ingest.store import Store, WriteResult
 from ingest.supervisor import Supervisor
 from ingest.tls import server_context
 
@@ -48,8 +49,10 @@ EXIT_DRAIN_TIMEOUT = 3  # the drain deadline passed: some accepted messages were
 EXIT_LISTENER_DIED = 4  # the listener, the spool writer or the spool feeder died
 
 STARTUP_TIMEOUT_S = 30.0
+LOOKUP_TIMEOUT_S = 2.0  # a receipt the database does not give in this time comes from the ledger
 CHECK_INTERVAL_S = 0.5
 PROBE_INTERVAL_S = 5.0
+DEAD_LETTER_COUNT_INTERVAL_S = 15.0
 
 
 class Service:
@@ -69,6 +72,7 @@ class Service:
             self.spool = SpoolWriter(Path(settings.spool), sync=settings.spool_sync, max_bytes=settings.spool_max_bytes)
         self.feeder: SpoolFeeder | None = None
         self.throughput = Throughput()
+        self.ledger = Ledger()
         self.supervisor = Supervisor(
             self._make_consumer,
             self.metrics.thread_errors,
@@ -76,6 +80,8 @@ class Service:
             {"listener", *self._consumer_names},
         )
         self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="enqueue")
+        # Receipt lookups get threads of their own: a stalled database must not hold enqueues.
+        self._lookups = ThreadPoolExecutor(max_workers=2, thread_name_prefix="receipts")
         ssl_context = None
         if settings.tls_cert is not None and settings.tls_key is not None:
             ssl_context = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
@@ -92,6 +98,7 @@ class Service:
         self.port: int | None = None
         self._ready = threading.Event()
         self._stopped = False
+        self._dead_letter_count: Future[int] | None = None
         self._wire_gauges()
 
     def __repr__(self) -> str:
@@ -118,6 +125,10 @@ class Service:
             guard=self.guard,
             body_timeout_s=self.settings.body_timeout_s,
             retry_after_s=self.throughput.retry_after_s,
+            ledger=self.ledger,
+            lookup_receipt=lambda request_id: receipt_rows.lookup(self.pool, request_id),
+            lookups=self._lookups,
+            lookup_timeout_s=LOOKUP_TIMEOUT_S,
             rate_limiter=(
                 RateLimiter(self.settings.rate_limit, self.settings.rate_burst or self.settings.rate_limit)
                 if self.settings.rate_limit is not None else None
@@ -162,8 +173,13 @@ class Service:
             on_settled=self._settled,
         )
 
-    def _settled(self, batch: list[Message]) -> None:
-        """A consumer's batch is in the database: pace the Retry-After, free the spool's rows."""
+    def _settled(self, batch: list[Message], result: WriteResult) -> None:
+        """A consumer's batch is in the database: pace the Retry-After, settle its receipts here,
+        free the spool's rows."""
+        self.ledger.settle(
+            (m.receipt for group in (result.stored, result.duplicates) for m in group),
+            (m.receipt for m, _ in result.dead),
+        )
         self.throughput.record(len(batch))
         if self.spool is not None:
             self.spool.forget(batch)
@@ -210,7 +226,8 @@ class Service:
             return
         self.spool.start()
         self.feeder = SpoolFeeder(
-            self.spool, self.buffer, chunk=self.settings.batch_size * 2, hard_stop=self.shutdown.hard_stop
+            self.spool, self.buffer, chunk=self.settings.batch_size * 2, hard_stop=self.shutdown.hard_stop,
+            ledger=self.ledger,
         )
         self.feeder.start()
 
@@ -254,6 +271,7 @@ class Service:
     def run(self) -> int:
         """The main thread's loop until `stopping`; then stop. Returns the exit code."""
         last_probe = time.monotonic()
+        last_count = -DEAD_LETTER_COUNT_INTERVAL_S
         while not self.shutdown.stopping.wait(CHECK_INTERVAL_S):
             dead = self._dead_pipeline_thread()
             if dead is not None:
@@ -270,6 +288,9 @@ class Service:
             if time.monotonic() - last_probe >= PROBE_INTERVAL_S:
                 self._probe_database()
                 last_probe = time.monotonic()
+            if time.monotonic() - last_count >= DEAD_LETTER_COUNT_INTERVAL_S:
+                self._count_dead_letters()
+                last_count = time.monotonic()
         return self.stop()
 
     def _reload(self) -> None:
@@ -298,6 +319,22 @@ class Service:
             self.store.reachable = False
             log.warning("database unreachable: %s", str(exc).splitlines()[0])
 
+    def _count_dead_letters(self) -> None:
+        """Refresh the dead-letters gauge off the main thread (a stalled database must not stop
+        supervision), one count at a time; the gauge keeps its last value while none answers."""
+        if self._dead_letter_count is not None and not self._dead_letter_count.done():
+            return
+        counting = self._lookups.submit(self.store.count_dead_letters)
+        counting.add_done_callback(self._counted_dead_letters)
+        self._dead_letter_count = counting
+
+    def _counted_dead_letters(self, counting: Future[int]) -> None:
+        exc = counting.exception()
+        if exc is None:
+            self.metrics.dead_letters_waiting.set(counting.result())
+        else:
+            log.warning("could not count dead letters: %s", str(exc).splitlines()[0] if str(exc) else exc)
+
     # -- stop --------------------------------------------------------------------------------
 
     def stop(self) -> int:
@@ -320,6 +357,8 @@ class Service:
         finally:
             self.shutdown.cancel_deadline()
             self._executor.shutdown(wait=True)
+            self.pool.interrupt()  # only a receipt lookup stuck in a stalled database holds one now
+            self._lookups.shutdown(wait=True)
             self.pool.dispose()
             self.supervisor.uninstall()
         if self._ready.is_set():

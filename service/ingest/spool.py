@@ -21,7 +21,7 @@ from typing import IO
 from ingest.errors import SpoolError
 
 FORMAT = "ingest-spool"
-VERSION = 1
+VERSION = 2  # 2: each row names its request and the request's size, for receipts
 SYNC_MODES = ("full", "normal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # What a row costs on disk beyond its text: seq, received_at, flags and page overhead, roughly.
@@ -30,7 +30,13 @@ ROW_OVERHEAD_BYTES = 32
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE spool (seq INTEGER PRIMARY KEY, ident TEXT NOT NULL, known INTEGER NOT NULL, "
-    "received_at REAL NOT NULL, payload TEXT NOT NULL)",
+    "received_at REAL NOT NULL, payload TEXT NOT NULL, request TEXT, accepted INTEGER)",
+)
+# Version 1 files are upgraded in place when opened for writing: their rows have no request.
+_UPGRADE_FROM_1 = (
+    "ALTER TABLE spool ADD COLUMN request TEXT",
+    "ALTER TABLE spool ADD COLUMN accepted INTEGER",
+    f"UPDATE meta SET value = '{VERSION}' WHERE key = 'version'",
 )
 
 
@@ -41,6 +47,8 @@ class Row:
     known: bool
     received_at: float
     payload: str
+    request: str | None  # None in rows a version 1 spool kept
+    accepted: int | None
 
 
 @dataclass(frozen=True)
@@ -56,9 +64,9 @@ class Status:
         return f"spool    {path}\nmessages {self.messages}\nbytes    {self.bytes}\noldest   {age}"
 
 
-def row_bytes(payload: str, ident: str) -> int:
+def row_bytes(payload: str, ident: str, request: str) -> int:
     """A message's share of the spool's capacity (its text in UTF-8 is at least this long)."""
-    return len(payload) + len(ident) + ROW_OVERHEAD_BYTES
+    return len(payload) + len(ident) + len(request) + ROW_OVERHEAD_BYTES
 
 
 def claim(path: Path) -> IO[bytes]:
@@ -96,8 +104,8 @@ def open_spool(path: Path, sync: str = "full", *, create: bool = True, writable:
     try:
         if fresh:
             _create(conn)
-        else:
-            _check_contents(conn, path)
+        elif _check_contents(conn, path) == 1 and writable:
+            _upgrade_from_1(conn)
         if writable:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={sync.upper()}")
@@ -120,8 +128,8 @@ def _check_header(path: Path) -> None:
         raise SpoolError(f"spool {path}: not a spool file (not SQLite; is it the right path?)")
 
 
-def _check_contents(conn: sqlite3.Connection, path: Path) -> None:
-    """Read-only checks: integrity, then the format and version the meta table names."""
+def _check_contents(conn: sqlite3.Connection, path: Path) -> int:
+    """Read-only checks: integrity, then the format and version the meta table names (returned)."""
     try:
         verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
     except sqlite3.DatabaseError as exc:
@@ -135,11 +143,19 @@ def _check_contents(conn: sqlite3.Connection, path: Path) -> None:
     if meta.get("format") != FORMAT:
         raise SpoolError(f"spool {path}: not an ingest spool (format {meta.get('format')!r})")
     version = meta.get("version")
-    if version != str(VERSION):
+    if version not in ("1", str(VERSION)):
         raise SpoolError(
-            f"spool {path}: format version {version}, this ingest reads version {VERSION}; "
+            f"spool {path}: format version {version}, this ingest reads versions 1 to {VERSION}; "
             "drain it with the ingest that wrote it"
         )
+    return int(version)
+
+
+def _upgrade_from_1(conn: sqlite3.Connection) -> None:
+    with conn:
+        conn.execute("BEGIN")
+        for statement in _UPGRADE_FROM_1:
+            conn.execute(statement)
 
 
 def _create(conn: sqlite3.Connection) -> None:
@@ -152,7 +168,8 @@ def _create(conn: sqlite3.Connection) -> None:
 
 def status(conn: sqlite3.Connection) -> Status:
     count, size, first, last, oldest = conn.execute(
-        f"SELECT count(*), coalesce(sum(length(payload) + length(ident) + {ROW_OVERHEAD_BYTES}), 0), "
+        f"SELECT count(*), coalesce(sum(length(payload) + length(ident) + coalesce(length(request), 0) "
+        f"+ {ROW_OVERHEAD_BYTES}), 0), "
         "coalesce(min(seq), 0), coalesce(max(seq), 0), min(received_at) FROM spool"
     ).fetchone()
     return Status(count, size, first, last, oldest)
@@ -160,7 +177,11 @@ def status(conn: sqlite3.Connection) -> Status:
 
 def read_after(conn: sqlite3.Connection, after_seq: int, up_to_seq: int, limit: int) -> list[Row]:
     rows = conn.execute(
-        "SELECT seq, ident, known, received_at, payload FROM spool WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+        "SELECT seq, ident, known, received_at, payload, request, accepted FROM spool "
+        "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
         (after_seq, up_to_seq, limit),
     ).fetchall()
-    return [Row(seq, ident, bool(known), received_at, payload) for seq, ident, known, received_at, payload in rows]
+    return [
+        Row(seq, ident, bool(known), received_at, payload, request, accepted)
+        for seq, ident, known, received_at, payload, request, accepted in rows
+    ]

@@ -23,7 +23,8 @@ import time
 from ingest import spool
 from ingest.buffer import Buffer
 from ingest.errors import QueueFull, ShuttingDown
-from ingest.messages import Message, settle_failed
+from ingest.messages import Message, Receipt, settle_failed
+from ingest.receipts import Ledger
 from ingest.spool_writer import KEPT_IN_SPOOL, SpoolWriter
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,13 @@ READ_RETRY_S = 1.0
 
 
 class SpoolFeeder(threading.Thread):
-    def __init__(self, writer: SpoolWriter, buffer: Buffer, *, chunk: int, hard_stop: threading.Event) -> None:
+    def __init__(
+        self, writer: SpoolWriter, buffer: Buffer, *, chunk: int, hard_stop: threading.Event, ledger: Ledger
+    ) -> None:
         super().__init__(name="spool-feeder", daemon=False)
         self._writer = writer
         self._buffer = buffer
+        self._ledger = ledger
         self._chunk = max(1, min(chunk, buffer.capacity))
         self._hard_stop = hard_stop
         self._recovered_upto = writer.recovered.last_seq
@@ -76,10 +80,12 @@ class SpoolFeeder(threading.Thread):
             log.error("spool %s: read failed, retrying: %s", self._writer.path, exc)
             self._hard_stop.wait(READ_RETRY_S)
             return True
+        receipts: dict[str, Receipt] = {}
         batch = [
             Message(
                 row.payload, row.received_at, self._writer.take_ack(row.seq),
                 ident=row.ident, known=row.known or row.seq <= self._recovered_upto, seq=row.seq,
+                receipt=self._receipt(row, receipts),
             )
             for row in rows
         ]
@@ -94,6 +100,19 @@ class SpoolFeeder(threading.Thread):
                 return self._keep(batch)
         self._fed_seq = rows[-1].seq
         return True
+
+    def _receipt(self, row: spool.Row, seen: dict[str, Receipt]) -> Receipt | None:
+        """The receipt the listener opened; for a row a previous run left, a new one that only
+        counts towards the database's row (this process never accepted that request)."""
+        if row.request is None:
+            return None
+        receipt = seen.get(row.request)
+        if receipt is None:
+            receipt = None if row.seq <= self._recovered_upto else self._ledger.get(row.request)
+            if receipt is None:
+                receipt = Receipt(row.request, row.accepted or 0, row.received_at)
+            seen[row.request] = receipt
+        return receipt
 
     @staticmethod
     def _keep(batch: list[Message]) -> bool:

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # What a waiting ack=commit client hears when its messages outlast a shutdown in the spool.
 KEPT_IN_SPOOL = "not stored before shutdown; kept in the spool for the next start"
-_INSERT = "INSERT INTO spool (seq, ident, known, received_at, payload) VALUES (?, ?, ?, ?, ?)"
+_INSERT = "INSERT INTO spool (seq, ident, known, received_at, payload, request, accepted) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _DELETE = "DELETE FROM spool WHERE seq = ?"
 
 _Submit = tuple[list[Message], int, "Future[None]"]
@@ -80,7 +80,7 @@ class SpoolWriter(threading.Thread):
 
     def submit(self, batch: list[Message]) -> Future[None]:
         """Queue a request's messages for the next commit; the future settles once they are on disk."""
-        need = sum(spool.row_bytes(m.text, m.ident or "") for m in batch)
+        need = sum(_row_bytes(m) for m in batch)
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("service is shutting down", messages=len(batch))
@@ -98,7 +98,7 @@ class SpoolWriter(threading.Thread):
 
     def forget(self, batch: list[Message]) -> None:
         """These messages are in the database (stored, duplicate or dead-lettered): delete them."""
-        done = [(m.seq, spool.row_bytes(m.text, m.ident or "")) for m in batch if m.seq is not None]
+        done = [(m.seq, _row_bytes(m)) for m in batch if m.seq is not None]
         if done:
             with self._lock:
                 self._done.extend(done)
@@ -174,7 +174,11 @@ class SpoolWriter(threading.Thread):
             for message in batch:
                 message.seq = self._next_seq
                 self._next_seq += 1
-                rows.append((message.seq, message.ident, int(message.known), message.received_at, message.text))
+                receipt = message.receipt
+                rows.append((
+                    message.seq, message.ident, int(message.known), message.received_at, message.text,
+                    receipt.id if receipt is not None else None, receipt.accepted if receipt is not None else None,
+                ))
                 if message.ack is not None:
                     acks[message.seq] = message.ack
         try:
@@ -218,3 +222,8 @@ class SpoolWriter(threading.Thread):
             submits, self._submits = self._submits, []
         for batch, _need, future in submits:
             future.set_exception(ShuttingDown("service is shutting down", messages=len(batch)))
+
+
+def _row_bytes(message: Message) -> int:
+    request = message.receipt.id if message.receipt is not None else ""
+    return spool.row_bytes(message.text, message.ident or "", request)

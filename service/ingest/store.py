@@ -26,14 +26,15 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import insert, inspect
+from sqlalchemy import func, insert, inspect, select
 from sqlalchemy.engine import Connection
 
+from ingest import receipt_rows
 from ingest.errors import PermanentStoreError, StartupError, TransientStoreError
 from ingest.messages import Message
 from ingest.metrics import Metrics
 from ingest.pool import ConnectionPool
-from ingest.tables import dead_letters, messages
+from ingest.tables import dead_letters, messages, requests
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ class Store:
         self._hard_stop = hard_stop
         self._backoff = backoff or Backoff()
         postgres = pool.dialect == "postgresql"
-        self._insert_new: Insert = _copy_messages if postgres else _insert_messages
-        self._insert_skipping: Insert = _copy_skipping_known if postgres else _insert_skipping_known
+        self._insert_new = _with_receipts(_copy_messages if postgres else _insert_messages)
+        self._insert_skipping = _with_receipts(_copy_skipping_known if postgres else _insert_skipping_known)
         self.reachable = True  # last word from the database; read by /readyz
 
     def __repr__(self) -> str:
@@ -112,14 +113,20 @@ class Store:
         """Connect and find the tables; a consumer calls this before the service opens."""
         try:
             with self._pool.connection() as conn:
-                missing = {messages.name, dead_letters.name} - set(inspect(conn).get_table_names())
+                tables = {messages.name, dead_letters.name, requests.name}
+                missing = tables - set(inspect(conn).get_table_names())
         except sa_exc.SQLAlchemyError as exc:
-            raise StartupError(f"cannot connect to the database: {_first_line(exc)}") from None
+            raise StartupError(f"cannot connect to the database: {first_line(exc)}") from None
         if missing:
             raise StartupError(
                 f"table(s) {', '.join(sorted(missing))} missing: run `ingest db upgrade` "
                 "or start without --no-migrate"
             )
+
+    def count_dead_letters(self) -> int:
+        """Dead letters waiting, of every replica: the database is the only place that knows."""
+        with self._pool.connection() as conn:
+            return int(conn.execute(select(func.count()).select_from(dead_letters)).scalar_one())
 
     def write(self, batch: list[Message]) -> WriteResult:
         """Store the batch; refused messages come back in `dead` after being dead-lettered.
@@ -166,17 +173,17 @@ class Store:
                 if kind is None:
                     raise
                 if kind is PermanentStoreError:
-                    raise PermanentStoreError(_first_line(exc)) from exc
+                    raise PermanentStoreError(first_line(exc)) from exc
                 self.reachable = False
                 delay = self._backoff.delay_s(attempt)
                 attempt += 1
                 self._metrics.db_retries.inc()
                 log.warning(
                     "write of %d message(s) failed (attempt %d), retrying in %.2fs: %s",
-                    len(batch), attempt, delay, _first_line(exc),
+                    len(batch), attempt, delay, first_line(exc),
                 )
                 if self._hard_stop.wait(delay):
-                    raise TransientStoreError(f"drain deadline passed while retrying: {_first_line(exc)}") from exc
+                    raise TransientStoreError(f"drain deadline passed while retrying: {first_line(exc)}") from exc
 
     @staticmethod
     def _in_transaction(conn: Connection, insert_fn: Insert, batch: list[Message]) -> set[str | None] | None:
@@ -192,15 +199,28 @@ class Store:
 
     def _dead_letter(self, message: Message, error: str) -> None:
         def insert_dead(conn: Connection, batch: list[Message]) -> None:
-            conn.execute(
-                insert(dead_letters),
-                [{"received_at": _utc(m.received_at), "payload": m.text, "error": error} for m in batch],
-            )
+            conn.execute(insert(dead_letters), [
+                {"received_at": _utc(m.received_at), "payload": m.text, "error": error, "ident": m.ident,
+                 "request": m.receipt.id if m.receipt is not None else None}
+                for m in batch
+            ])
+            receipt_rows.write(conn, batch, dead=True)
             return None
 
         self._retrying(insert_dead, [message])
         self._metrics.dead_lettered.inc()
         log.error("message dead-lettered: %s", error)
+
+
+def _with_receipts(insert_fn: Insert) -> Insert:
+    """The insert, then its requests' receipts, in the same transaction."""
+
+    def insert_and_count(conn: Connection, batch: list[Message]) -> set[str | None] | None:
+        inserted = insert_fn(conn, batch)
+        receipt_rows.write(conn, batch)  # stored or a duplicate, each message is in the database now
+        return inserted
+
+    return insert_and_count
 
 
 def _sort_out(batch: list[Message], inserted: set[str | None] | None, result: WriteResult) -> None:
@@ -318,7 +338,7 @@ def _copy_skipping_known(conn: Connection, batch: list[Message]) -> set[str | No
         return {row[0] for row in cursor.fetchall()}
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """The driver's error class and the first line of its message: enough to act on."""
     original = getattr(exc, "orig", None) or exc
     text = str(original).strip()

@@ -60,4 +60,22 @@ dead_letters = Table(
     # Text, not JSON: the database refused this payload as JSON, so keep it as received.
     Column("payload", Text(), nullable=False),
     Column("error", Text(), nullable=False),
+    # Kept so a replay stores the message at most once, and moves its receipt (both NULL in
+    # letters older than 0003).
+    Column("ident", Text(), nullable=True),
+    Column("request", Text(), nullable=True),
+    Index("ix_dead_letters_failed_at", "failed_at"),
+)
+
+# A receipt per accepted request, written in the transaction that stores (or dead-letters) its
+# messages: `stored` counts messages of the request now in the database, written by it or (a
+# retry's duplicates) by an earlier request.
+requests = Table(
+    "requests",
+    metadata,
+    Column("id", Text(), primary_key=True),
+    Column("accepted", Integer(), nullable=False),
+    Column("stored", Integer(), nullable=False, server_default="0"),
+    Column("dead_lettered", Integer(), nullable=False, server_default="0"),
+    Column("received_at", DateTime(timezone=True), nullable=False),
 )

@@ -1,0 +1,68 @@
+"""The `requests` table: receipts written inside the store's transactions, read by any replica.
+
+A batch's receipt rows go in the transaction that stores its messages (or dead-letters one), so
+the counts can never run ahead of or behind what is committed. One upsert a batch, whatever its
+number of requests: Postgres takes the rows as arrays through `unnest`, SQLite an executemany.
+Rows are sorted by id, so two consumers updating the same requests lock them in the same order.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.engine import Connection
+
+from ingest.messages import Message, Receipt
+from ingest.pool import ConnectionPool
+from ingest.receipts import Counts
+from ingest.tables import requests
+
+_TABLE = requests.name
+_UPDATE = (
+    "ON CONFLICT (id) DO UPDATE SET "
+    f"accepted = {{greatest}}({_TABLE}.accepted, excluded.accepted), "
+    f"stored = {_TABLE}.stored + excluded.stored, "
+    f"dead_lettered = {_TABLE}.dead_lettered + excluded.dead_lettered"
+)
+_UPSERT_POSTGRES = (
+    f"INSERT INTO {_TABLE} (id, accepted, stored, dead_lettered, received_at) "
+    "SELECT id, accepted, stored, dead, to_timestamp(received) FROM unnest("
+    "%s::text[], %s::int[], %s::int[], %s::int[], %s::float8[]) AS r(id, accepted, stored, dead, received) "
+    + _UPDATE.format(greatest="GREATEST")
+)
+_UPSERT_SQLITE = (
+    f"INSERT INTO {_TABLE} (id, accepted, stored, dead_lettered, received_at) VALUES (?, ?, ?, ?, ?) "
+    + _UPDATE.format(greatest="max")
+)
+_SQLITE_STAMP = "%Y-%m-%d %H:%M:%S.%f"  # as SQLAlchemy's DateTime writes it on SQLite
+
+
+def write(conn: Connection, messages: Iterable[Message], *, dead: bool = False) -> None:
+    """Add these messages to their requests' rows as stored (or, `dead`, dead-lettered)."""
+    counts = Counter(m.receipt for m in messages if m.receipt is not None)
+    if not counts:
+        return
+    receipts: list[tuple[Receipt, int]] = sorted(counts.items(), key=lambda item: item[0].id)
+    stored = [0 if dead else n for _, n in receipts]
+    dead_counts = [n if dead else 0 for _, n in receipts]
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(_UPSERT_POSTGRES, (
+            [r.id for r, _ in receipts], [r.accepted for r, _ in receipts], stored, dead_counts,
+            [r.received_at for r, _ in receipts],
+        ))
+        return
+    conn.exec_driver_sql(_UPSERT_SQLITE, [
+        (r.id, r.accepted, s, d, datetime.fromtimestamp(r.received_at, UTC).strftime(_SQLITE_STAMP))
+        for (r, _), s, d in zip(receipts, stored, dead_counts, strict=True)
+    ])
+
+
+def lookup(pool: ConnectionPool, request_id: str) -> Counts | None:
+    """One primary-key lookup; None for an id the database has no row for."""
+    query = select(requests.c.accepted, requests.c.stored, requests.c.dead_lettered).where(requests.c.id == request_id)
+    with pool.connection() as conn:
+        row = conn.execute(query).first()
+    return None if row is None else Counts.of(row.accepted, row.stored, row.dead_lettered)

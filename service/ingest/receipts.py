@@ -1,0 +1,120 @@
+"""Receipts: what became of an accepted request, asked for by its id.
+
+Every accepted request gets an id (the client's `X-Request-Id` when it is of sane form). The
+lasting answer is in the database: the store writes a request's counts to `requests` in the same
+transaction as its messages, so any replica on that database can answer `GET /requests/{id}`
+once something of the request has committed. Until then only the process that accepted it knows
+the request: the `Ledger` holds the requests in flight here, so that process can answer for
+them before their first commit and while the database does not answer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ingest.messages import Receipt
+
+REQUEST_ID_HEADER = "X-Request-Id"
+# Safe in a URL path, a header and a JSON string without escaping: what request ids look like
+# (UUIDs, ULIDs, trace ids).
+_SANE_ID = re.compile(r"[A-Za-z0-9._~:-]{1,128}")
+
+
+@dataclass(frozen=True)
+class Counts:
+    accepted: int
+    stored: int
+    dead_lettered: int
+
+    @classmethod
+    def of(cls, accepted: int, stored: int, dead_lettered: int) -> Counts:
+        # A spooled batch written again after a crash between the commit and the spool's
+        # delete counts its messages twice; no request has more in the database than it sent.
+        return cls(accepted, min(stored, max(0, accepted - dead_lettered)), dead_lettered)
+
+    @property
+    def pending(self) -> int:
+        return max(0, self.accepted - self.stored - self.dead_lettered)
+
+    def as_json(self, request_id: str) -> dict[str, object]:
+        return {
+            "request": request_id, "accepted": self.accepted, "stored": self.stored,
+            "dead_lettered": self.dead_lettered, "pending": self.pending,
+        }
+
+
+def is_sane(request_id: str) -> bool:
+    return _SANE_ID.fullmatch(request_id) is not None
+
+
+class Ledger:
+    """The requests in flight in this process: accepted, not yet all stored or dead-lettered.
+
+    Bounded by what is in flight (the buffer, or the spool): an entry leaves when its last
+    message is accounted for, or when its request was not accepted after all.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the listener opens entries, consumers settle them
+        self._open: dict[str, Receipt] = {}
+        self._prefix = f"{uuid.uuid4().hex[:12]}-"
+        self._counter = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"Ledger(in_flight={len(self._open)})"
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def request_id(self, sent: str | None) -> str:
+        """The client's id if it is of sane form, else a new one (unique without coordination)."""
+        if sent is not None and _SANE_ID.fullmatch(sent):
+            return sent
+        return f"{self._prefix}{next(self._counter):x}"
+
+    def open(self, request_id: str, accepted: int, received_at: float) -> Receipt:
+        """A receipt for a request about to be enqueued; withdraw() it if that fails.
+
+        An id already in flight (a client reusing its ids) is answered for by the newest request
+        here; in the database the counts of all requests sent under one id add up.
+        """
+        receipt = Receipt(request_id, accepted, received_at)
+        with self._lock:
+            self._open[request_id] = receipt
+        return receipt
+
+    def withdraw(self, receipt: Receipt) -> None:
+        """The request was refused (queue or spool full, shutting down): nothing of it will come."""
+        with self._lock:
+            if self._open.get(receipt.id) is receipt:
+                del self._open[receipt.id]
+
+    def get(self, request_id: str) -> Receipt | None:
+        with self._lock:
+            return self._open.get(request_id)
+
+    def lookup(self, request_id: str) -> Counts | None:
+        with self._lock:
+            receipt = self._open.get(request_id)
+            if receipt is None:
+                return None
+            return Counts.of(receipt.accepted, receipt.stored, receipt.dead)
+
+    def settle(self, stored: Iterable[Receipt | None], dead: Iterable[Receipt | None]) -> None:
+        """Messages of these receipts (one entry a message) are now committed or dead-lettered."""
+        stored_counts = Counter(r for r in stored if r is not None)
+        dead_counts = Counter(r for r in dead if r is not None)
+        with self._lock:
+            for receipt, count in stored_counts.items():
+                receipt.stored += count
+            for receipt, count in dead_counts.items():
+                receipt.dead += count
+            for receipt in (*stored_counts, *dead_counts):
+                if receipt.stored + receipt.dead >= receipt.accepted and self._open.get(receipt.id) is receipt:
+                    del self._open[receipt.id]

@@ -1,0 +1,270 @@
+"""Receipts: every 2xx names its request, and GET /requests/{id} says what became of it.
+
+Real services over real HTTP, on SQLite and Postgres: through a stalled database, a dead letter,
+a restart with a spool, a crash after the commit, and two replicas on one database.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from httpclient import Reply, post_ndjson, request
+from ingest import spool
+from ingest.spool_writer import SpoolWriter
+from tcpproxy import TcpProxy
+from waiting import wait_until
+
+OPENAPI = Path(__file__).resolve().parents[1] / "service" / "ingest" / "openapi.json"
+
+
+def _push(url: str, count: int, *, query: str = "", headers: dict[str, str] | None = None, tag: str = "") -> Reply:
+    body = "".join(json.dumps({"n": n, "tag": tag}) + "\n" for n in range(count)).encode()
+    return request(f"{url}/messages{query}", "POST", body, {"Content-Type": "application/x-ndjson", **(headers or {})})
+
+
+def _via(proxy: TcpProxy, postgres_url: str) -> str:
+    parts = urlsplit(postgres_url)
+    return postgres_url.replace(f"@{parts.hostname}:{parts.port}/", f"@127.0.0.1:{proxy.port}/", 1)
+
+
+def _receipt(url: str, request_id: str, headers: dict[str, str] | None = None) -> Reply:
+    return request(f"{url}/requests/{request_id}", headers=headers)
+
+
+def _counts(url: str, request_id: str) -> dict[str, Any]:
+    reply = _receipt(url, request_id)
+    assert reply.status == 200, reply.body
+    body = dict(reply.json())
+    assert body.pop("request") == request_id
+    return body
+
+
+def _settled(url: str, request_id: str, **wanted: int) -> bool:
+    body = _counts(url, request_id)
+    return all(body[key] == value for key, value in wanted.items())
+
+
+def test_every_2xx_names_its_request_in_the_body_and_a_header(make_service) -> None:
+    service = make_service()
+    made = [_push(service.url, 3) for _ in range(2)]
+    ids = [reply.json()["request"] for reply in made]
+    assert all(reply.status == 202 and reply.headers["x-request-id"] == reply.json()["request"] for reply in made)
+    assert len(set(ids)) == 2, "each request gets an id of its own"
+    committed = _push(service.url, 2, query="?ack=commit")
+    assert committed.status == 201 and committed.counts() == {"stored": 2, "duplicates": 0}
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [("order-7f3a:2026-11-27.1", True), ("0b9d6a8e-4c1f-4a57-9a1e-3f3c2b1d0e9f", True),
+     ("has space", False), ("a/b", False), ("x" * 129, False), ("", False)],
+)
+def test_a_client_request_id_is_kept_when_sane_and_replaced_otherwise(make_service, sent, kept) -> None:
+    service = make_service()
+    reply = _push(service.url, 1, headers={"X-Request-Id": sent})
+    assert reply.status == 202
+    assert (reply.json()["request"] == sent) is kept
+    assert reply.headers["x-request-id"] == reply.json()["request"]
+
+
+def test_a_receipt_counts_what_is_stored(make_service, db_url) -> None:
+    service = make_service(db_url=db_url)
+    request_id = _push(service.url, 25, headers={"X-Request-Id": "batch-25"}).json()["request"]
+    wait_until(lambda: _settled(service.url, request_id, stored=25), 20, "all 25 stored")
+    assert _counts(service.url, request_id) == {"accepted": 25, "stored": 25, "dead_lettered": 0, "pending": 0}
+
+
+def test_an_unknown_or_malformed_id_is_404(make_service) -> None:
+    service = make_service()
+    for request_id in ("never-sent", "bad%20id"):
+        reply = _receipt(service.url, request_id)
+        assert reply.status == 404, reply.body
+        assert reply.json()["error"].startswith("no such request")
+
+
+def test_a_receipt_needs_the_same_token_as_a_push(make_service, tmp_path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("client:client-token-0123456789\n")
+    service = make_service(auth_tokens=str(tokens))
+    auth = {"Authorization": "Bearer client-token-0123456789"}
+    request_id = _push(service.url, 1, headers=auth).json()["request"]
+    assert _receipt(service.url, request_id).status == 401
+    wait_until(lambda: _receipt(service.url, request_id, auth).json().get("stored") == 1, 20, "stored")
+
+
+def test_through_a_stall_the_accepting_replica_says_pending_then_stored(make_service, sqlite_url) -> None:
+    """The database takes nothing while a lock is held: the receipt comes from this process's
+    ledger (pending), then from the database once the lock goes."""
+    service = make_service(batch_linger_s=0)
+    lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        request_id = _push(service.url, 7).json()["request"]
+        assert _counts(service.url, request_id) == {"accepted": 7, "stored": 0, "dead_lettered": 0, "pending": 7}
+        lock.execute("ROLLBACK")
+    finally:
+        lock.close()
+    wait_until(lambda: _settled(service.url, request_id, stored=7, pending=0), 30, "stored after the stall")
+    wait_until(lambda: len(service.ledger) == 0, 10, "the ledger emptied")
+
+
+def test_with_the_database_unreachable_the_ledger_answers_and_other_ids_get_503(
+    make_service, postgres_url
+) -> None:
+    parts = urlsplit(postgres_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    try:
+        service = make_service(db_url=_via(proxy, postgres_url))
+        before = _push(service.url, 2).json()["request"]
+        wait_until(lambda: _settled(service.url, before, stored=2), 20, "the first request stored")
+        proxy.cut()
+        during = _push(service.url, 4).json()["request"]
+        assert _counts(service.url, during) == {"accepted": 4, "stored": 0, "dead_lettered": 0, "pending": 4}
+        gone = _receipt(service.url, before)  # committed, so no longer in flight here
+        assert gone.status == 503 and int(gone.headers["retry-after"]) >= 1, gone.body
+        proxy.restore()
+        wait_until(lambda: _settled(service.url, during, stored=4), 60, "stored once the database is back")
+    finally:
+        proxy.close()
+
+
+def test_a_dead_letter_shows_in_the_receipt(make_service, postgres_url) -> None:
+    service = make_service(db_url=postgres_url, consumers=1, batch_linger_s=0)
+    batch: list[dict[str, Any]] = [{"n": n} for n in range(10)]
+    batch[3]["bad"] = "\u0000"  # valid JSON, but JSONB cannot store U+0000
+    request_id = post_ndjson(service.url, batch).json()["request"]
+    wait_until(lambda: _settled(service.url, request_id, pending=0), 20, "every message accounted for")
+    assert _counts(service.url, request_id) == {"accepted": 10, "stored": 9, "dead_lettered": 1, "pending": 0}
+
+
+def test_a_retry_with_the_same_key_is_stored_under_the_first_and_counted_by_both(make_service, db_url) -> None:
+    service = make_service(db_url=db_url)
+    key = {"Idempotency-Key": "receipt-retry"}
+    first = _push(service.url, 5, query="?ack=commit", headers=key).json()["request"]
+    again = _push(service.url, 5, query="?ack=commit", headers=key)
+    assert again.counts() == {"stored": 0, "duplicates": 5}
+    for request_id in (first, again.json()["request"]):
+        assert _counts(service.url, request_id) == {"accepted": 5, "stored": 5, "dead_lettered": 0, "pending": 0}
+
+
+def test_two_replicas_on_one_database_answer_for_each_other(make_service, postgres_url) -> None:
+    one = make_service(db_url=postgres_url)
+    two = make_service(db_url=postgres_url)
+    request_id = _push(one.url, 30, query="?ack=commit").json()["request"]
+    assert _counts(two.url, request_id) == {"accepted": 30, "stored": 30, "dead_lettered": 0, "pending": 0}
+    assert _receipt(two.url, "nobody-sent-this").status == 404
+
+
+def test_a_receipt_survives_a_restart_with_the_spool(make_service, sqlite_url, tmp_path) -> None:
+    """Accepted into the spool while the database is locked; the service stops at its drain
+    deadline with the rows still spooled; the next one stores them and the receipt says so."""
+    path = str(tmp_path / "spool.db")
+    first = make_service(spool=path, drain_timeout_s=1.0, batch_linger_s=0)
+    lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        request_id = _push(first.url, 12, headers={"X-Request-Id": "across-a-restart"}).json()["request"]
+        first.shutdown.stopping.set()
+        wait_until(lambda: first.spool is not None and not first.spool.is_alive(), 30, "the first service stopped")
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert spool.status(spool.open_spool(Path(path), create=False, writable=False)).messages == 12
+    second = make_service(spool=path)
+    wait_until(lambda: _receipt(second.url, request_id).status == 200, 30, "the recovered request stored")
+    wait_until(lambda: _settled(second.url, request_id, stored=12), 30, "all of it stored")
+    assert _counts(second.url, request_id) == {"accepted": 12, "stored": 12, "dead_lettered": 0, "pending": 0}
+
+
+def test_a_batch_written_again_after_a_crash_is_not_counted_twice(make_service, db_url, tmp_path, monkeypatch) -> None:
+    path = str(tmp_path / "spool.db")
+    monkeypatch.setattr(SpoolWriter, "forget", lambda self, batch: None)  # the crash after the commit
+    first = make_service(db_url=db_url, spool=path)
+    ids = [_push(first.url, 10, query="?ack=commit").json()["request"] for _ in range(3)]
+    first.shutdown.stopping.set()
+    wait_until(lambda: first.spool is not None and not first.spool.is_alive(), 30, "the first service stopped")
+    monkeypatch.undo()
+    second = make_service(db_url=db_url, spool=path)
+    wait_until(lambda: second.spool is not None and second.spool.messages == 0, 30, "the spool written again")
+    for request_id in ids:
+        assert _counts(second.url, request_id) == {"accepted": 10, "stored": 10, "dead_lettered": 0, "pending": 0}
+
+
+def test_a_version_1_spool_is_upgraded_and_its_rows_stored(make_service, tmp_path) -> None:
+    path = tmp_path / "spool.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    conn.execute("CREATE TABLE spool (seq INTEGER PRIMARY KEY, ident TEXT NOT NULL, known INTEGER NOT NULL, "
+                 "received_at REAL NOT NULL, payload TEXT NOT NULL)")
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", [("format", "ingest-spool"), ("version", "1")])
+    conn.executemany("INSERT INTO spool VALUES (?, ?, 0, 0, '{}')", [(n, f"g:old:{n}") for n in range(1, 6)])
+    conn.close()
+    service = make_service(spool=str(path))
+    wait_until(lambda: service.spool is not None and service.spool.messages == 0, 30, "the old rows stored")
+    assert spool.status(spool.open_spool(path, create=False, writable=False)).messages == 0
+
+
+def test_every_status_documented_for_receipts_is_produced(make_service, postgres_url, tmp_path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("client:client-token-0123456789\n")
+    parts = urlsplit(postgres_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    try:
+        service = make_service(db_url=_via(proxy, postgres_url), auth_tokens=str(tokens))
+        auth = {"Authorization": "Bearer client-token-0123456789"}
+        request_id = _push(service.url, 1, query="?ack=commit", headers=auth).json()["request"]
+        seen = {_receipt(service.url, request_id, auth).status, _receipt(service.url, request_id).status,
+                _receipt(service.url, "unknown", auth).status}
+        proxy.cut()
+        seen.add(_receipt(service.url, request_id, auth).status)
+    finally:
+        proxy.close()
+    documented = {int(code) for code in json.loads(OPENAPI.read_text())["paths"]["/requests/{id}"]["get"]["responses"]}
+    assert seen == documented
+
+
+def test_a_dead_letter_replayed_moves_the_receipt_and_the_waiting_gauge(
+    make_service, make_engine, postgres_url, capsys, monkeypatch
+) -> None:
+    """Refused by a constraint, replayed once the constraint is gone: the receipt goes from
+    dead-lettered to stored, and the gauge of letters waiting from 1 to 0."""
+    from sqlalchemy import text
+
+    from ingest import service as service_module
+    from ingest.cli import run
+    from probes import metric
+
+    def replay_all() -> int:
+        try:
+            return run(["dead-letters", "replay", "--all", "--db", postgres_url])  # the database, not the service
+        except SystemExit as exc:
+            return int(exc.code or 0)
+
+    monkeypatch.setattr(service_module, "DEAD_LETTER_COUNT_INTERVAL_S", 0.2)
+    service = make_service(db_url=postgres_url, consumers=1)
+    engine = make_engine(postgres_url)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE messages ADD CONSTRAINT not_three CHECK ((payload->>'n')::int <> 3)"))
+    request_id = _push(service.url, 6).json()["request"]
+    wait_until(lambda: _settled(service.url, request_id, pending=0), 20, "every message accounted for")
+    assert _counts(service.url, request_id) == {"accepted": 6, "stored": 5, "dead_lettered": 1, "pending": 0}
+    wait_until(lambda: metric(service, "ingest_dead_letters_waiting") == 1, 20, "one dead letter waiting")
+
+    assert replay_all() == 1  # the cause is still there
+    assert "refused again 1" in capsys.readouterr().out
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE messages DROP CONSTRAINT not_three"))
+    assert replay_all() == 0
+    assert "stored 1" in capsys.readouterr().out
+    assert replay_all() == 0  # nothing left: stores nothing
+    assert "replayed 0" in capsys.readouterr().out
+    assert _counts(service.url, request_id) == {"accepted": 6, "stored": 6, "dead_lettered": 0, "pending": 0}
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM messages")).scalar_one() == 6
+    wait_until(lambda: metric(service, "ingest_dead_letters_waiting") == 0, 20, "no dead letter waiting")
