@@ -75,3 +75,50 @@ def test_push_idempotent_retries_timeouts_and_stores_each_message_once(make_serv
     wait_until(lambda: metric(service, "ingest_messages_duplicate_total") >= 200, 30,
                what="the retried copies found as duplicates")
     assert count_rows(engine) == 200
+
+
+def test_push_receipts_says_all_stored_and_exits_0(make_service) -> None:
+    import subprocess
+    import sys
+
+    service = make_service()
+    command = [sys.executable, "-m", "ingest", "push", "--url", service.url, "--count", "3000", "--batch", "10",
+               "--receipts"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "receipts      100 of 300 requests checked: all stored" in done.stdout
+
+
+def test_push_receipts_names_dead_letters_and_exits_1(make_service, make_engine, postgres_url) -> None:
+    import subprocess
+    import sys
+
+    from sqlalchemy import text
+
+    service = make_service(db_url=postgres_url)
+    with make_engine(postgres_url).begin() as conn:  # the database refuses message 7
+        conn.execute(text("ALTER TABLE messages ADD CONSTRAINT not_seven CHECK ((payload->>'seq')::int <> 7)"))
+    command = [sys.executable, "-m", "ingest", "push", "--url", service.url, "--count", "40", "--batch", "1",
+               "--receipts"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "acknowledged  40" in done.stdout
+    assert "receipts      40 of 40 requests checked: NOT all stored: 39 all stored, 1 with dead letters" in done.stdout
+
+
+def test_push_receipts_reports_pending_when_the_database_stalls(make_service, sqlite_url) -> None:
+    import subprocess
+    import sys
+
+    service = make_service()
+    lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        command = [sys.executable, "-m", "ingest", "push", "--url", service.url, "--count", "20", "--batch", "5",
+                   "--receipts", "--receipt-timeout", "1"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "receipts      4 of 4 requests checked: NOT all stored: 4 still pending after 1 s" in done.stdout

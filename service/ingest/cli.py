@@ -1,4 +1,4 @@
-"""The `ingest` command line: serve, push, top, db upgrade, config show.
+"""The `ingest` command line: serve, push, top, db upgrade, config show, spool status, dead-letters.
 
 Settings resolve as flag > environment (INGEST_*) > config file (--config, TOML) > default;
 click does the resolving, Settings validates. Errors a user can cause end in one line on stderr
@@ -7,13 +7,18 @@ and a named exit code, never a traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from ingest import migrate
@@ -201,6 +206,148 @@ def spool_status(spool_path: Path) -> None:
         conn.close()
 
 
+# click made ParamType generic only recently; pyproject allows click 8.1, where it is not.
+if TYPE_CHECKING:
+    _DateTimeParam = click.ParamType[datetime]
+else:
+    _DateTimeParam = click.ParamType
+
+
+class When(_DateTimeParam):
+    """A moment: an ISO 8601 date or datetime (naive = UTC), or a duration ago (30s, 15m, 2h, 7d)."""
+
+    name = "TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        from ingest.dead_letters import parse_when
+
+        try:
+            return parse_when(str(value), datetime.now(UTC))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _db_option(help: str) -> Decorator:
+    return click.option("--db", "db_url", envvar="INGEST_DB_URL", show_envvar=True, default=_DEFAULTS.db_url,
+                        show_default=True, help=help)
+
+
+@contextmanager
+def _letters_db(db_url: str) -> Iterator[Engine]:
+    """An engine on a database at head; a database error or a missing table ends in one line."""
+    from ingest.dead_letters import SchemaNotReady, check_schema
+    from ingest.store import first_line
+
+    db_url = Settings.from_mapping({"db_url": db_url}).db_url
+    engine = create_engine(db_url)
+    try:
+        check_schema(engine)
+        yield engine
+    except SchemaNotReady as exc:
+        _fail(f"{mask_url(db_url)}: {exc}", EXIT_FAILURE)
+    except SQLAlchemyError as exc:
+        _fail(f"cannot use {mask_url(db_url)}: {first_line(exc)}", EXIT_FAILURE)
+    finally:
+        engine.dispose()
+
+
+def _stamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@main.group("dead-letters")
+def dead_letters_group() -> None:
+    """Messages the database refused (table dead_letters): list, replay, purge.
+
+    TIME is an ISO 8601 date or datetime (naive = UTC), e.g. 2026-11-27 or 2026-11-27T08:00:00Z,
+    or a duration ago: 30s, 15m, 2h, 7d.
+    """
+
+
+@dead_letters_group.command("list")
+@_db_option("Database to read.")
+@click.option("--since", type=When(), default=None, help="Only letters that failed at or after TIME.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Most letters to show, oldest first.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line (NDJSON), every column in full.")
+def dead_letters_list(db_url: str, since: datetime | None, limit: int, as_json: bool) -> None:
+    """Show what was refused, when and why. Oldest first (by failed_at), the first --limit letters."""
+    from ingest import dead_letters
+
+    with _letters_db(db_url) as engine:
+        page = dead_letters.list_letters(engine, since=since, limit=limit)
+    if not as_json:
+        for line in page.table():
+            click.echo(line)
+        return
+    for letter in page.letters:
+        click.echo(json.dumps(letter.as_json(), ensure_ascii=False))
+    if page.more:  # stdout stays pure NDJSON
+        click.echo(f"... and {page.more} more; use --limit", err=True)
+
+
+@dead_letters_group.command("replay")
+@_db_option("Database to replay in.")
+@click.option("--id", "ids", type=int, multiple=True, help="A letter to replay (repeatable).")
+@click.option("--since", type=When(), default=None, help="Every letter that failed at or after TIME.")
+@click.option("--all", "everything", is_flag=True, help="Every letter.")
+def dead_letters_replay(db_url: str, ids: tuple[int, ...], since: datetime | None, everything: bool) -> None:
+    """Re-submit letters to messages, once the cause is fixed. One transaction a letter.
+
+    A letter whose identity is stored already just leaves; one the database refuses again stays,
+    with the new error. Exit 0 when none was refused again, 1 when some was.
+    """
+    from ingest import dead_letters
+
+    if sum((bool(ids), since is not None, everything)) != 1:
+        raise click.UsageError("give exactly one of --id N (repeatable), --since TIME or --all")
+    with _letters_db(db_url) as engine:
+        chosen = list(dict.fromkeys(ids)) if ids else dead_letters.select_ids(engine, since=since)
+        result = dead_letters.replay(engine, chosen)
+    summary = (f"replayed {result.replayed}: stored {result.stored}, already stored {result.already_stored}, "
+               f"refused again {len(result.refused)}")
+    if result.not_found:
+        summary += f"; not found: {', '.join(map(str, result.not_found))}"
+    click.echo(summary)
+    if result.stopped is not None:
+        _fail(f"replay stopped on {mask_url(db_url)}: {result.stopped}; letters replayed before stay replayed",
+              EXIT_FAILURE)
+    if result.refused:
+        letter_id, error = result.refused[0]
+        _fail(f"{len(result.refused)} letter(s) refused again, kept with the new error; "
+              f"first, id {letter_id}: {error}", EXIT_FAILURE)
+
+
+@dead_letters_group.command("purge")
+@_db_option("Database to purge.")
+@click.option("--before", type=When(), required=True, help="Delete letters that failed before TIME.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def dead_letters_purge(db_url: str, before: datetime, yes: bool) -> None:
+    """Delete letters that failed before TIME. Asks first, unless --yes."""
+    from ingest import dead_letters
+
+    with _letters_db(db_url) as engine:
+        if not yes:
+            count = dead_letters.count_before(engine, before)
+            if count and not _confirmed(f"purge {count} dead letter(s) that failed before {_stamp(before)}?"):
+                _fail("purge declined: nothing deleted (--yes purges without asking)", EXIT_FAILURE)
+        purged = dead_letters.purge(engine, before)
+    click.echo(f"purged {purged} dead letter(s) that failed before {_stamp(before)}")
+
+
+def _confirmed(question: str) -> bool:
+    """click.confirm, where end of input (a non-interactive stdin) counts as no."""
+    try:
+        answer = click.confirm(question, default=False, err=True)
+    except click.exceptions.Abort:
+        answer = False
+    if not sys.stdin.isatty():
+        click.echo(err=True)  # no terminal echoed a newline after the prompt
+    return answer
+
+
 @main.command()
 @click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="Service to push to.")
 @click.option("--count", type=int, default=10_000, show_default=True, help="Messages to send.")
@@ -216,6 +363,11 @@ def spool_status(spool_path: Path) -> None:
 @click.option("--idempotent/--no-idempotent", "idempotent", default=False,
               help="Send an Idempotency-Key with every request, so that no retry stores a message twice; "
                    "requests that time out are then retried too.")
+@click.option("--receipts", is_flag=True,
+              help="At the end, ask GET /requests/{id} for a sample of 100 requests until they are stored "
+                   "(up to --receipt-timeout); exit 1 unless all are.")
+@click.option("--receipt-timeout", "receipt_timeout_s", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, help="Seconds --receipts waits for pending messages.")
 def push(**values: Any) -> None:
     """Push generated messages at a running service; exit 1 if any was not acknowledged."""
     from ingest import push as pusher

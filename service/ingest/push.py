@@ -24,7 +24,7 @@ import aiohttp
 import yarl
 
 from ingest.errors import ClientError, ConfigError
-from ingest.report import PushSummary
+from ingest.report import PushSummary, Receipts
 
 ACKS = ("enqueue", "commit")
 BURST_INTERVAL_S = 1.0
@@ -36,6 +36,8 @@ BACKOFF_CAP_S = 5.0
 UNREACHABLE_AFTER_ATTEMPTS = 5
 ERROR_TEXT_LIMIT = 200
 SENSORS = 16
+RECEIPT_SAMPLE = 100  # requests whose receipts --receipts checks
+RECEIPT_POLL_S = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +64,8 @@ class PushOptions:
     idempotent: bool = False  # an Idempotency-Key on every request, so any retry is safe
     token: str | None = None  # sent as Authorization: Bearer, for a service with --auth-tokens
     cacert: str | None = None  # a CA file to trust for https:// (a service with --tls-cert)
+    receipts: bool = False  # at the end, check that a sample of the requests is stored
+    receipt_timeout_s: float = 60.0  # how long the check waits for pending messages
 
     def __post_init__(self) -> None:
         problem = _problem(self)
@@ -82,6 +86,7 @@ def _problem(o: PushOptions) -> str | None:
         (o.ack in ACKS, f"ack must be one of {', '.join(ACKS)}, got {o.ack!r}"),
         (o.request_timeout_s > 0, f"request_timeout_s must be > 0, got {o.request_timeout_s}"),
         (o.max_attempts >= 1, f"max_attempts must be >= 1, got {o.max_attempts}"),
+        (o.receipt_timeout_s > 0, f"receipt_timeout_s must be > 0, got {o.receipt_timeout_s}"),
     )
     return next((message for ok, message in checks if not ok), None)
 
@@ -199,6 +204,7 @@ class _Reply(NamedTuple):
     retry_after: str | None
     body: bytes
     latency_s: float
+    request_id: str | None
 
 
 class _Outcome(NamedTuple):
@@ -208,6 +214,7 @@ class _Outcome(NamedTuple):
     retry_in_s: float | None = None
     latency_s: float = 0.0
     refused: bool = False  # a connection error, not an HTTP reply
+    request_id: str | None = None  # of an acknowledged request, as the service named it
 
 
 class _Push:
@@ -230,6 +237,8 @@ class _Push:
         self.gone: str | None = None
         self.random = random.Random()
         self.run_id = uuid.uuid4().hex[:12]  # with `idempotent`: the requests' keys are this run's
+        self.sample: list[str] = []  # a uniform sample of acknowledged requests' ids (reservoir)
+        self.sampled_from = 0
 
     def __repr__(self) -> str:
         s = self.summary
@@ -253,7 +262,9 @@ class _Push:
                         group.create_task(self._worker(session, started_s))
             except* ClientError as errors:
                 raise errors.exceptions[0] from None
-        self.summary.elapsed_s = loop.time() - started_s
+            self.summary.elapsed_s = loop.time() - started_s
+            if self.options.receipts:
+                self.summary.receipts = await self._check_receipts(session)
         return self.summary
 
     async def _worker(self, session: aiohttp.ClientSession, started_s: float) -> None:
@@ -285,7 +296,7 @@ class _Push:
                 self.summary.retried += 1
             outcome = await self._attempt(session, body, headers, attempt)
             if outcome.error is None:
-                return self._acknowledge(size, outcome.latency_s)
+                return self._acknowledge(size, outcome.latency_s, outcome.request_id)
             if outcome.retry_in_s is None:
                 return self._fail(size, outcome.error)
         error = f"{outcome.error} (gave up after {o.max_attempts} attempts)"
@@ -313,7 +324,7 @@ class _Push:
             return _Outcome(f"{type(exc).__name__}: {exc}")
         self.reached = True
         if 200 <= reply.status < 300:
-            return _Outcome(None, latency_s=reply.latency_s)
+            return _Outcome(None, latency_s=reply.latency_s, request_id=reply.request_id)
         error = describe_response(reply.status, reply.body)
         return _Outcome(error, retry_after_s(reply.retry_after) if reply.status in (429, 503) else None)
 
@@ -323,7 +334,8 @@ class _Push:
         async with session.post(self.url, data=body, headers=headers) as response:
             content = await response.read()
             retry_after = response.headers.get("Retry-After")
-            return _Reply(response.status, retry_after, content, loop.time() - started_s)
+            request_id = response.headers.get("X-Request-Id")
+            return _Reply(response.status, retry_after, content, loop.time() - started_s, request_id)
 
     def _give_up_if_unreachable(self, attempt: int, error: str) -> None:
         if not self.reached and attempt >= min(
@@ -331,10 +343,64 @@ class _Push:
         ):
             raise ClientError(f"cannot reach {self.options.url}: {error}")
 
-    def _acknowledge(self, size: int, latency_s: float) -> None:
+    def _acknowledge(self, size: int, latency_s: float, request_id: str | None) -> None:
         self.summary.acknowledged += size
         self.summary.latencies_s.append(latency_s)
+        if self.options.receipts and request_id is not None:
+            self._keep_in_sample(request_id)
         self._report()
+
+    def _keep_in_sample(self, request_id: str) -> None:
+        """Reservoir sampling: every acknowledged request equally likely, memory bounded."""
+        self.sampled_from += 1
+        if len(self.sample) < RECEIPT_SAMPLE:
+            self.sample.append(request_id)
+            return
+        slot = self.random.randrange(self.sampled_from)
+        if slot < RECEIPT_SAMPLE:
+            self.sample[slot] = request_id
+
+    async def _check_receipts(self, session: aiohttp.ClientSession) -> Receipts:
+        """Ask for each sampled receipt until it has settled or the wait runs out.
+
+        A 404 counts as pending while the wait lasts: behind a proxy, another replica only
+        knows a request once something of it is committed."""
+        loop = asyncio.get_running_loop()
+        started_s = loop.time()
+        deadline_s = started_s + self.options.receipt_timeout_s
+        receipts = Receipts(requests=self.sampled_from, checked=len(self.sample))
+        waiting = list(self.sample)
+        last: dict[str, dict[str, int] | None] = {}
+        while waiting:
+            results = await asyncio.gather(*(self._receipt(session, request_id) for request_id in waiting))
+            last.update(zip(waiting, results, strict=True))
+            waiting = [r for r, counts in zip(waiting, results, strict=True) if counts is None or counts["pending"]]
+            if not waiting or loop.time() >= deadline_s:
+                break
+            await asyncio.sleep(RECEIPT_POLL_S)
+        for counts in last.values():
+            if counts is None:
+                receipts.unknown += 1
+            elif counts["dead_lettered"]:
+                receipts.dead_lettered += 1
+            elif counts["pending"]:
+                receipts.pending += 1
+            else:
+                receipts.stored += 1
+        receipts.waited_s = loop.time() - started_s
+        return receipts
+
+    async def _receipt(self, session: aiohttp.ClientSession, request_id: str) -> dict[str, int] | None:
+        url = yarl.URL(self.options.url.rstrip("/")) / "requests" / request_id
+        headers = {"Authorization": self.headers["Authorization"]} if "Authorization" in self.headers else None
+        try:
+            async with session.get(url, headers=headers) as response:
+                if response.status != 200:
+                    return None
+                body = json.loads(await response.read())
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        return {key: int(body[key]) for key in ("accepted", "stored", "dead_lettered", "pending")}
 
     def _fail(self, size: int, error: str) -> None:
         self.summary.failed += size

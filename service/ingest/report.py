@@ -32,10 +32,12 @@ class PushSummary:
     waited_s: float = 0.0  # spent waiting before re-sends, as Retry-After or backoff asked
     latencies_s: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
+    receipts: Receipts | None = None  # with --receipts: what the sampled requests' receipts said
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0 and self.acknowledged == self.sent == self.count
+        receipts_ok = self.receipts is None or self.receipts.all_stored
+        return self.failed == 0 and self.acknowledged == self.sent == self.count and receipts_ok
 
     @property
     def messages_per_s(self) -> float:
@@ -53,12 +55,42 @@ class PushSummary:
             f"latency       {_latency_line(self.latencies_s)}",
         ]
         shown = list(self.errors.items())[:ERRORS_SHOWN]
+        if self.receipts is not None:
+            lines.append(f"receipts      {self.receipts.format()}")
         lines += [f"error         {text} ({n} requests)" for text, n in shown]
         if len(self.errors) > ERRORS_SHOWN:
             lines.append(
                 f"              and {len(self.errors) - ERRORS_SHOWN} more distinct errors"
             )
         return "\n".join(lines)
+
+
+@dataclass
+class Receipts:
+    """GET /requests/{id} for a sample of acknowledged requests, once each has settled (or the
+    wait ran out). Counts are requests."""
+
+    requests: int  # acknowledged requests, sampled from
+    checked: int = 0
+    stored: int = 0  # every message in the database
+    dead_lettered: int = 0  # some message refused by the database (in dead_letters)
+    pending: int = 0  # not all stored when the wait ran out
+    unknown: int = 0  # the service did not know the id, or did not answer
+    waited_s: float = 0.0
+
+    @property
+    def all_stored(self) -> bool:
+        return self.stored == self.checked
+
+    def format(self) -> str:
+        line = f"{self.checked} of {self.requests} requests checked"
+        if self.all_stored:
+            return f"{line}: all stored (after {self.waited_s:.1f} s)"
+        parts = [f"{n} {what}" for n, what in (
+            (self.stored, "all stored"), (self.dead_lettered, "with dead letters"),
+            (self.pending, f"still pending after {self.waited_s:.0f} s"), (self.unknown, "unknown to the service"),
+        ) if n]
+        return f"{line}: NOT all stored: " + ", ".join(parts)
 
 
 def _latency_line(latencies_s: Sequence[float]) -> str:
