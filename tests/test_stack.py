@@ -452,7 +452,7 @@ def test_the_image_install_step_rehearsed_builds_a_package_that_migrates(tmp_pat
         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
     )
     assert upgrade.returncode == 0, upgrade.stderr
-    assert upgrade.stdout.strip().endswith("empty -> 0002")
+    assert upgrade.stdout.strip().endswith("empty -> 0003")
 
 
 def test_dockerignore_matcher_follows_dockers_rules() -> None:
@@ -598,6 +598,16 @@ def test_alert_rules_fire_when_they_should(tmp_path: Path) -> None:
         (
             [("ingest_messages_dead_lettered_total", "0 0 0 5x10")],
             [fires("IngestDeadLetters", "2m", ticket)],
+        ),
+        (  # two letters nobody replays for a day, counted by two replicas: one alert
+            [("ingest_dead_letters_waiting", "2x6000"), ('ingest_dead_letters_waiting{instance="i2", job="ingest"}',
+                                                       "2x6000")],
+            [silent("IngestDeadLettersWaiting", "23h"),
+             fires("IngestDeadLettersWaiting", "25h", {"severity": "ticket"})],
+        ),
+        (  # replayed within the day: no alert
+            [("ingest_dead_letters_waiting", "2x3000 0x3000")],
+            [silent("IngestDeadLettersWaiting", "25h")],
         ),
         (
             [("ingest_messages_lost_total", "0x4 12x10")],
