@@ -72,9 +72,11 @@ class ListenerThread(threading.Thread):
             await runner.cleanup()
             return
         self.started.set_result(int(server.sockets[0].getsockname()[1]))
+        self._guard.start()
         try:
             await self._stop_event.wait()
         finally:
+            self._guard.stop()
             # Graceful: stop accepting, let in-flight handlers (clients awaiting commits) finish.
             server.close()
             await runner.cleanup()

@@ -80,7 +80,7 @@ CONFIG = web.AppKey("config", RouteConfig)
 def make_app(config: RouteConfig) -> web.Application:
     # client_max_size bounds the raw body; decompress() bounds it again after inflating.
     app = web.Application(
-        client_max_size=config.max_body_bytes, middlewares=[config.guard.middleware(), errors_to_json]
+        client_max_size=config.max_body_bytes, middlewares=[errors_to_json]
     )
     app[CONFIG] = config
     app.router.add_post("/messages", post_messages)
@@ -122,8 +122,11 @@ def error_response(status: int, error: str, detail: Any = None, retry_after_s: f
 
 @web.middleware
 async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one table from errors to status codes; also counts every response by code."""
-    metrics = request.app[CONFIG].metrics
+    """The one table from errors to status codes; also counts every response by code, and stops
+    the connection's header clock (guard.py) while the request is handled."""
+    config = request.app[CONFIG]
+    metrics = config.metrics
+    guarded = config.guard.request_started(request)
     try:
         response = await handler(request)
     except Rejected as exc:
@@ -150,6 +153,8 @@ async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamRe
     except Exception:
         log.exception("handler for %s %s failed", request.method, request.path)
         response = error_response(500, "internal error; see the service log")
+    finally:
+        config.guard.request_done(guarded)
     metrics.count_response(response.status)
     return response
 
@@ -293,7 +298,10 @@ async def _read_body(request: web.Request, limit: int, timeout_s: float) -> byte
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     try:
-        return await asyncio.wait_for(request.read(), timeout_s)
+        if request.content.is_eof():  # all of it is here (the usual case for a small body)
+            return await request.read()
+        async with asyncio.timeout(timeout_s):  # a timer, not a task a request as wait_for makes
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:  # a chunked body, past client_max_size
         raise too_large from None
     except TimeoutError:
