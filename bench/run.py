@@ -136,17 +136,38 @@ class Served:
         return code
 
 
+def wrk_seconds(count: int) -> int:
+    # wrk runs for a time, not a count: about `count` messages at the rate seen here.
+    return max(5, round(count / 6000))
+
+
+def wrk_single(url: str, seconds: int, concurrency: int) -> int:
+    """1-message requests with wrk and bench/single.lua for `seconds`; how many were answered 202."""
+    script = Path(__file__).with_name("single.lua")
+    done = subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "-s", str(script), f"{url}/messages"],
+        capture_output=True, text=True, check=True,
+    )
+    return int(re.search(r"acked (\d+)", done.stdout).group(1))  # type: ignore[union-attr]
+
+
+def bare_aiohttp(seconds: int, concurrency: int) -> float:
+    """Requests/s a bare aiohttp handler (bench/bare.py) answers with 202, same client and load."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare.py"))],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        return wrk_single(f"http://127.0.0.1:{port}", seconds, concurrency) / seconds
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def push(url: str, count: int, batch: int, concurrency: int) -> int:
     """Send `count` messages; returns how many were acknowledged."""
     if batch == 1 and shutil.which("wrk"):
-        script = Path(__file__).with_name("single.lua")
-        # wrk runs for a time, not a count: about `count` messages at the rate seen here.
-        seconds = max(5, round(count / 6000))
-        done = subprocess.run(
-            ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "-s", str(script), f"{url}/messages"],
-            capture_output=True, text=True, check=True,
-        )
-        return int(re.search(r"acked (\d+)", done.stdout).group(1))  # type: ignore[union-attr]
+        return wrk_single(url, wrk_seconds(count), concurrency)
     done = subprocess.run(
         [sys.executable, "-m", "ingest", "push", "--url", url, "--count", str(count), "--batch", str(batch),
          "--concurrency", str(concurrency)],
@@ -239,7 +260,8 @@ def mode_flags(mode: str, tmp: str) -> list[str]:
 
 
 def report(label: str, url: str, count: Callable[[], int], raw: float, args: argparse.Namespace) -> None:
-    """Each mode on the same messages; spool modes also as a ratio to memory mode in this run."""
+    """Each mode on the same messages; spool modes also as a ratio to memory mode in this run,
+    1-message runs also as a ratio to the bare aiohttp handler measured in this run."""
     memory: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for batch, total, name in ((100, args.messages, "NDJSON x100"), (1, args.single, "1 msg/request")):
@@ -248,6 +270,8 @@ def report(label: str, url: str, count: Callable[[], int], raw: float, args: arg
                 if mode == "memory":
                     memory[batch] = rate
                 versus = f"; / memory = {rate / memory[batch]:.2f}" if batch in memory and mode != "memory" else ""
+                if batch == 1 and args.bare:
+                    versus += f"; / bare aiohttp = {rate / args.bare:.2f}"
                 print(f"{label} {mode:12} {name}: {rate:,.0f} msgs/s end to end; ingest / raw = {rate / raw:.3f}"
                       f"{versus}; peak RSS {rss:.0f} MiB")
 
@@ -267,6 +291,10 @@ def main() -> None:
     single_client = "wrk + bench/single.lua" if shutil.which("wrk") else "ingest push"
     print(f"{args.messages:,} messages (NDJSON runs, ingest push), about {args.single:,} (single runs, "
           f"{single_client}); client concurrency {args.concurrency}; 4 consumers, batch 500, pool 2")
+    args.bare = None
+    if shutil.which("wrk"):
+        args.bare = bare_aiohttp(wrk_seconds(args.single), args.concurrency)
+        print(f"bare aiohttp (reads the body, answers 202, nothing else): {args.bare:,.0f} req/s, same wrk load")
     if args.only != "sqlite":
         postgres_case(args.postgres, args, rows)
     if args.only != "postgres":

@@ -1,0 +1,30 @@
+"""The benchmark's baseline for 1-message requests: a bare aiohttp handler that reads the body
+and answers 202, nothing else. Prints its port, then serves until killed.
+
+    python bench/bare.py
+"""
+
+from __future__ import annotations
+
+import socket
+
+from aiohttp import web
+
+
+async def accept(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(status=202, text='{"accepted": 1}', content_type="application/json")
+
+
+def main() -> None:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    print(sock.getsockname()[1], flush=True)
+    app = web.Application()
+    app.router.add_post("/messages", accept)
+    web.run_app(app, sock=sock, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
