@@ -5,8 +5,9 @@ needs: a request's messages go in all or none, consumers take batches with a lin
 consumer hands its batch back at the head, and `close()` lets consumers see the flow has ended.
 
 Wake-ups are rationed, because every needless one costs the listener the GIL: while a consumer
-lingers to fill its batch, puts wake nobody until the batch is full, and an idle consumer is
-woken only when there is more than the lingering ones will take.
+lingers to fill its batch, puts wake nobody until the batch is full, an idle consumer is woken
+only when there is more than the lingering ones will take, and a take wakes one waiting put,
+which wakes the next if room is left.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class Buffer:
                 self._not_full.wait(remaining)
                 self._check_open(len(messages))
             self._append(messages)
+            if len(self._items) < self.capacity:
+                self._not_full.notify()  # pass the baton: there may be room for the next waiter
 
     def _check_open(self, count: int) -> None:
         if self._closed:
@@ -98,7 +101,9 @@ class Buffer:
                 self._linger(max_count, linger_s)
             batch = [self._items.popleft() for _ in range(min(max_count, len(self._items)))]
             if batch:
-                self._not_full.notify_all()
+                # One waiting producer, not all: under a burst dozens wait, and waking them all
+                # on every take costs the listener the GIL for each that finds no room.
+                self._not_full.notify()
             if self._has_work_for_idle():
                 self._work.notify()  # pass the baton: there is more than this batch
             return batch
