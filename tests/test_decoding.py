@@ -21,9 +21,25 @@ def test_ndjson_keeps_lines_as_sent_and_skips_blank_ones() -> None:
 
 
 @pytest.mark.parametrize(
+    "line",
+    [
+        b'{"big": 123456789012345678901234567890}',  # past 64 bits, which JSONB takes
+        b'{"lone": "\\ud800"}',  # an escaped lone surrogate: orjson refuses it, json takes it
+        b'{"deep": ' + b"[" * 500 + b"]" * 500 + b"}",
+    ],
+)
+def test_what_the_standard_library_accepts_is_accepted(line: bytes) -> None:
+    """orjson parses first (decoding.py); where it refuses, the standard library decides."""
+    assert decode(line, "application/x-ndjson") == [line.decode()]
+    assert decode(line, "application/json") == [line.decode()]
+
+
+@pytest.mark.parametrize(
     ("body", "fragment"),
     [
         (b'{"a": ', "malformed JSON"),
+        (b'{"a": Infinity}', "Infinity is not valid JSON"),
+        (b'{"a": -Infinity}', "-Infinity is not valid JSON"),
         (b"", "empty"),
         (b"[]", "empty array"),
         (b'[{"a": 1}, 3]', "index 1 is a number"),

@@ -3,7 +3,9 @@ Content-Type and Content-Encoding, through decompress() and decode().
 
 The only acceptable outcomes are a list of messages, each the JSON text of an object, or one of
 ingest's own refusals (Rejected: 400, 413, 415). Anything else, a crash or a message that is not
-an object, is a bug. Run by tests/test_fuzz.py for a bounded time; by hand:
+an object, is a bug. It also checks the parser pair decoding.py uses: orjson must never accept a
+text the standard library refuses (that would widen what ingest accepts). Run by
+tests/test_fuzz.py for a bounded time; by hand:
 
     python tests/fuzz/fuzz_decoding.py -max_total_time=600 tests/fuzz/corpus
 """
@@ -14,9 +16,10 @@ import json
 import sys
 
 import atheris
+import orjson
 
 with atheris.instrument_imports():
-    from ingest.decoding import decode, decompress
+    from ingest.decoding import _DECODER, decode, decompress
     from ingest.errors import Rejected
 
 CONTENT_TYPES = [
@@ -32,6 +35,7 @@ def test_one_input(data: bytes) -> None:
     content_type = CONTENT_TYPES[provider.ConsumeIntInRange(0, len(CONTENT_TYPES) - 1)]
     encoding = ENCODINGS[provider.ConsumeIntInRange(0, len(ENCODINGS) - 1)]
     body = provider.ConsumeBytes(provider.remaining_bytes())
+    _orjson_is_no_wider(body)
     try:
         texts = decode(decompress(body, encoding, LIMIT), content_type)
     except Rejected:
@@ -39,6 +43,18 @@ def test_one_input(data: bytes) -> None:
     assert texts, "decode() returned no messages without refusing"
     for text in texts:
         assert isinstance(json.loads(text), dict), f"not an object: {text[:80]!r}"
+
+
+def _orjson_is_no_wider(body: bytes) -> None:
+    try:
+        text = body.decode()
+        orjson.loads(text)
+    except (UnicodeDecodeError, orjson.JSONDecodeError):
+        return
+    try:
+        _DECODER.decode(text)
+    except (ValueError, RecursionError) as exc:
+        raise AssertionError(f"orjson accepts what json refuses ({exc}): {text[:80]!r}") from None
 
 
 def main() -> None:
