@@ -3,10 +3,10 @@
     python bench/run.py [--messages 200000] [--single 20000] [--postgres URL]
 
 For each database (Postgres, SQLite) it starts a real `ingest serve`, pushes generated messages
-(NDJSON batches of 100 with `ingest push`; 1 message a request with `wrk` and bench/single.lua
-when wrk is installed, since a Python client cannot outrun the server on the same two cores,
-else with `ingest push`), waits until every acknowledged message is in the table, and prints
-messages/s end to end. In the same run it writes the same messages straight to the same
+(NDJSON batches of 100 and 1 message a request, with `wrk` and bench/ndjson.lua or
+bench/single.lua when wrk is installed, since a Python client would take the cores the service
+and the database need; else with `ingest push`), waits until every acknowledged message is in
+the table, and prints messages/s end to end. In the same run it writes the same messages straight to the same
 database with the same driver (the raw limit) and prints `ingest / raw`, plus the service's
 peak RSS. Figures, not assertions.
 """
@@ -136,16 +136,18 @@ class Served:
         return code
 
 
-def wrk_seconds(count: int) -> int:
-    # wrk runs for a time, not a count: about `count` messages at the rate seen here.
-    return max(5, round(count / 6000))
+def wrk_seconds(count: int, batch: int) -> int:
+    # wrk runs for a time, not a count: about `count` messages at the rates seen here.
+    return max(5, round(count / (6_000 if batch == 1 else 60_000)))
 
 
-def wrk_single(url: str, seconds: int, concurrency: int) -> int:
-    """1-message requests with wrk and bench/single.lua for `seconds`; how many were answered 202."""
-    script = Path(__file__).with_name("single.lua")
+def wrk_messages(url: str, seconds: int, concurrency: int, batch: int = 1) -> int:
+    """Requests of `batch` messages (bench/single.lua for 1, bench/ndjson.lua for more) with wrk
+    for `seconds`; how many messages were answered 202."""
+    script = Path(__file__).with_name("single.lua" if batch == 1 else "ndjson.lua")
     done = subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "-s", str(script), f"{url}/messages"],
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "-s", str(script), f"{url}/messages",
+         "--", str(batch)],
         capture_output=True, text=True, check=True,
     )
     return int(re.search(r"acked (\d+)", done.stdout).group(1))  # type: ignore[union-attr]
@@ -158,16 +160,17 @@ def bare_aiohttp(seconds: int, concurrency: int) -> float:
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
-        return wrk_single(f"http://127.0.0.1:{port}", seconds, concurrency) / seconds
+        return wrk_messages(f"http://127.0.0.1:{port}", seconds, concurrency) / seconds
     finally:
         proc.terminate()
         proc.wait(30)
 
 
 def push(url: str, count: int, batch: int, concurrency: int) -> int:
-    """Send `count` messages; returns how many were acknowledged."""
-    if batch == 1 and shutil.which("wrk"):
-        return wrk_single(url, wrk_seconds(count), concurrency)
+    """Send about `count` messages; returns how many were acknowledged. wrk when installed: a
+    Python client would spend the cores the service and the database need."""
+    if shutil.which("wrk"):
+        return wrk_messages(url, wrk_seconds(count, batch), concurrency, batch)
     done = subprocess.run(
         [sys.executable, "-m", "ingest", "push", "--url", url, "--count", str(count), "--batch", str(batch),
          "--concurrency", str(concurrency)],
@@ -288,12 +291,12 @@ def main() -> None:
                         help="memory (no spool) and/or a spool with --spool-sync full or normal")
     args = parser.parse_args()
     rows = messages(args.messages)
-    single_client = "wrk + bench/single.lua" if shutil.which("wrk") else "ingest push"
-    print(f"{args.messages:,} messages (NDJSON runs, ingest push), about {args.single:,} (single runs, "
-          f"{single_client}); client concurrency {args.concurrency}; 4 consumers, batch 500, pool 2")
+    client = "wrk + bench/single.lua, bench/ndjson.lua" if shutil.which("wrk") else "ingest push"
+    print(f"about {args.messages:,} messages (NDJSON runs), about {args.single:,} (single runs); client {client}, "
+          f"concurrency {args.concurrency}; 4 consumers, batch 500, pool 2")
     args.bare = None
     if shutil.which("wrk"):
-        args.bare = bare_aiohttp(wrk_seconds(args.single), args.concurrency)
+        args.bare = bare_aiohttp(wrk_seconds(args.single, 1), args.concurrency)
         print(f"bare aiohttp (reads the body, answers 202, nothing else): {args.bare:,.0f} req/s, same wrk load")
     if args.only != "sqlite":
         postgres_case(args.postgres, args, rows)
