@@ -293,7 +293,7 @@ def main() -> None:
     rows = messages(args.messages)
     client = "wrk + bench/single.lua, bench/ndjson.lua" if shutil.which("wrk") else "ingest push"
     print(f"about {args.messages:,} messages (NDJSON runs), about {args.single:,} (single runs); client {client}, "
-          f"concurrency {args.concurrency}; 4 consumers, batch 500, pool 2")
+          f"concurrency {args.concurrency}; ingest serve with its defaults and 4 consumers")
     args.bare = None
     if shutil.which("wrk"):
         args.bare = bare_aiohttp(wrk_seconds(args.single, 1), args.concurrency)

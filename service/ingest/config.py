@@ -33,9 +33,9 @@ class Settings:
     consumers: int = 4
     queue_size: int = 10_000
     enqueue_timeout_s: float = 1.0
-    batch_size: int = 500
+    batch_size: int = 1000
     batch_linger_s: float = 0.02
-    pool_size: int = 2
+    pool_size: int = 4
     drain_timeout_s: float = 30.0
     ack: str = "enqueue"
     max_body_bytes: int = 1024 * 1024
