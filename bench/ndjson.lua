@@ -4,6 +4,9 @@
 -- Globals, not locals: done() reads `acked` from each thread with thread:get.
 seq, acked, per_request = 0, 0, 100
 local headers = { ["Content-Type"] = "application/x-ndjson" }
+if os.getenv("INGEST_TOKEN") then  -- for a service started with --auth-tokens
+  headers["Authorization"] = "Bearer " .. os.getenv("INGEST_TOKEN")
+end
 
 function init(args)
   per_request = tonumber(args[1] or "100")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -24,6 +25,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -141,14 +143,15 @@ def wrk_seconds(count: int, batch: int) -> int:
     return max(5, round(count / (6_000 if batch == 1 else 60_000)))
 
 
-def wrk_messages(url: str, seconds: int, concurrency: int, batch: int = 1) -> int:
+def wrk_messages(url: str, seconds: int, concurrency: int, batch: int = 1, token: str | None = None) -> int:
     """Requests of `batch` messages (bench/single.lua for 1, bench/ndjson.lua for more) with wrk
-    for `seconds`; how many messages were answered 202."""
+    for `seconds`, with a bearer token if given; how many messages were answered 202."""
     script = Path(__file__).with_name("single.lua" if batch == 1 else "ndjson.lua")
+    env = {**os.environ, "INGEST_TOKEN": token} if token else None
     done = subprocess.run(
         ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "-s", str(script), f"{url}/messages",
          "--", str(batch)],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=env,
     )
     return int(re.search(r"acked (\d+)", done.stdout).group(1))  # type: ignore[union-attr]
 
@@ -166,14 +169,14 @@ def bare_aiohttp(seconds: int, concurrency: int) -> float:
         proc.wait(30)
 
 
-def push(url: str, count: int, batch: int, concurrency: int) -> int:
+def push(url: str, count: int, batch: int, concurrency: int, token: str | None = None) -> int:
     """Send about `count` messages; returns how many were acknowledged. wrk when installed: a
     Python client would spend the cores the service and the database need."""
     if shutil.which("wrk"):
-        return wrk_messages(url, wrk_seconds(count, batch), concurrency, batch)
+        return wrk_messages(url, wrk_seconds(count, batch), concurrency, batch, token)
     done = subprocess.run(
         [sys.executable, "-m", "ingest", "push", "--url", url, "--count", str(count), "--batch", str(batch),
-         "--concurrency", str(concurrency)],
+         "--concurrency", str(concurrency), *(["--token", token] if token else [])],
         capture_output=True, text=True,
     )
     if done.returncode != 0:
@@ -190,13 +193,13 @@ def wait_rows(count_rows: Callable[[], int], expected: int) -> None:
 
 
 def end_to_end(
-    db_url: str, count_rows: Callable[[], int], count: int, batch: int, concurrency: int, extra: list[str]
+    db_url: str, count_rows: Callable[[], int], count: int, batch: int, concurrency: int, mode: Mode
 ) -> tuple[float, float]:
-    served = Served(db_url, extra)
+    served = Served(db_url, mode.flags)
     try:
         before = count_rows()
         started = time.perf_counter()
-        acked = push(served.url, count, batch, concurrency)
+        acked = push(served.url, count, batch, concurrency, mode.token)
         wait_rows(count_rows, before + acked)
         rate = acked / (time.perf_counter() - started)
         return rate, served.peak_rss_mib()
@@ -252,14 +255,26 @@ def sqlite_case(args: argparse.Namespace, rows: list[dict[str, object]]) -> None
         report("sqlite", url, count, raw, args)
 
 
-MODES = ("memory", "spool-full", "spool-normal")
+MODES = ("memory", "spool-full", "spool-normal", "auth")
+BENCH_TOKEN = "bench-token-0123456789abcdef"
 
 
-def mode_flags(mode: str, tmp: str) -> list[str]:
-    """memory: no spool; spool-SYNC: a fresh spool file with that --spool-sync."""
+@dataclass(frozen=True)
+class Mode:
+    flags: list[str]
+    token: str | None = None
+
+
+def mode_flags(mode: str, tmp: str) -> Mode:
+    """memory: no spool; spool-SYNC: a fresh spool file with that --spool-sync; auth: memory mode
+    with --auth-tokens, every request carrying a valid bearer token."""
     if mode == "memory":
-        return []
-    return ["--spool", f"{tmp}/{uuid.uuid4().hex[:8]}.spool", "--spool-sync", mode.removeprefix("spool-")]
+        return Mode([])
+    if mode == "auth":
+        tokens = Path(tmp) / "tokens"
+        tokens.write_text(f"bench:{BENCH_TOKEN}\n")
+        return Mode(["--auth-tokens", str(tokens)], BENCH_TOKEN)
+    return Mode(["--spool", f"{tmp}/{uuid.uuid4().hex[:8]}.spool", "--spool-sync", mode.removeprefix("spool-")])
 
 
 def report(label: str, url: str, count: Callable[[], int], raw: float, args: argparse.Namespace) -> None:
@@ -288,7 +303,8 @@ def main() -> None:
                         help="an admin URL; the benchmark creates and drops its own database")
     parser.add_argument("--only", choices=["postgres", "sqlite"])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                        help="memory (no spool) and/or a spool with --spool-sync full or normal")
+                        help="memory (no spool), a spool with --spool-sync full or normal, "
+                             "auth (memory with --auth-tokens)")
     args = parser.parse_args()
     rows = messages(args.messages)
     client = "wrk + bench/single.lua, bench/ndjson.lua" if shutil.which("wrk") else "ingest push"

@@ -4,6 +4,9 @@
 -- Globals, not locals: done() reads `acked` from each thread with thread:get.
 seq, acked = 0, 0
 local headers = { ["Content-Type"] = "application/json" }
+if os.getenv("INGEST_TOKEN") then  -- for a service started with --auth-tokens
+  headers["Authorization"] = "Bearer " .. os.getenv("INGEST_TOKEN")
+end
 
 function request()
   seq = seq + 1
