@@ -17,6 +17,7 @@ import pytest
 from httpclient import Reply, post_ndjson, request
 from ingest import spool
 from ingest.spool_writer import SpoolWriter
+from probes import metric
 from tcpproxy import TcpProxy
 from waiting import wait_until
 
@@ -107,11 +108,12 @@ def test_through_a_stall_the_accepting_replica_says_pending_then_stored(make_ser
         lock.execute("BEGIN EXCLUSIVE")
         request_id = _push(service.url, 7).json()["request"]
         assert _counts(service.url, request_id) == {"accepted": 7, "stored": 0, "dead_lettered": 0, "pending": 7}
+        assert metric(service, "ingest_requests_in_flight") == 1
         lock.execute("ROLLBACK")
     finally:
         lock.close()
     wait_until(lambda: _settled(service.url, request_id, stored=7, pending=0), 30, "stored after the stall")
-    wait_until(lambda: len(service.ledger) == 0, 10, "the ledger emptied")
+    wait_until(lambda: metric(service, "ingest_requests_in_flight") == 0, 10, "the ledger emptied")
 
 
 def test_with_the_database_unreachable_the_ledger_answers_and_other_ids_get_503(
@@ -238,7 +240,6 @@ def test_a_dead_letter_replayed_moves_the_receipt_and_the_waiting_gauge(
 
     from ingest import service as service_module
     from ingest.cli import run
-    from probes import metric
 
     def replay_all() -> int:
         try:

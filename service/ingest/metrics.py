@@ -76,6 +76,10 @@ class Metrics:
         self.dead_lettered = Counter(
             "ingest_messages_dead_lettered", "Messages the database refused, kept in dead_letters", registry=r
         )
+        self.requests_in_flight = Gauge(
+            "ingest_requests_in_flight", "Accepted requests not yet all stored or dead-lettered (the receipts ledger)",
+            registry=r,
+        )
         self.dead_letters_waiting = Gauge(
             "ingest_dead_letters_waiting",
             "Rows in dead_letters (every replica's), waiting to be replayed or purged; counted every 15 s",

@@ -154,6 +154,7 @@ class Service:
         m.consumers_alive.set_function(self.supervisor.alive)
         m.consumers_configured.set(self.settings.consumers)
         m.http_connections.set_function(lambda: self.guard.open_connections)
+        m.requests_in_flight.set_function(lambda: len(self.ledger))
         if self.spool is not None:
             spool = self.spool
             m.spool_messages.set_function(lambda: spool.messages)
