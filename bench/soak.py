@@ -6,7 +6,7 @@ Starts a real `ingest serve` (its defaults, 4 consumers) on a Postgres database 
 drops, and runs `ingest push` against it: NDJSON batches of 100 at `--rate` messages/s plus
 `--burst` more at once every second, until `--messages` are sent (push catches up with its
 schedule when the service pushes back). Every `--every` seconds it reads the service's RSS and
-/metrics, and prints a line. At the end: RSS first/peak/last, the 503 share of the requests, and
+/metrics, and prints a line (received, stored, queue depth, requests in flight, RSS). At the end: RSS first/peak/last, the 503 share of the requests, and
 p50/p95/p99 of accepted → committed latency from the service's histogram (interpolated within
 buckets, as Prometheus' histogram_quantile does). Figures, not assertions.
 """
@@ -36,6 +36,7 @@ class Sample:
     at_s: float
     rss_mib: float
     queue: float
+    in_flight: float  # requests in the receipts ledger
     received: float
     stored: float
     responses: dict[str, float] = field(default_factory=dict)
@@ -67,6 +68,7 @@ def sample(served: Served, started_s: float) -> Sample:
         at_s=time.monotonic() - started_s,
         rss_mib=rss,
         queue=metrics.get("ingest_queue_depth", 0.0),
+        in_flight=metrics.get("ingest_requests_in_flight", 0.0),
         received=sum(v for k, v in metrics.items() if k.startswith("ingest_messages_received_total")),
         stored=metrics.get("ingest_messages_stored_total", 0.0),
         responses={k.split('code="', 1)[1].split('"', 1)[0]: v for k, v in metrics.items()
@@ -134,15 +136,15 @@ def soak(served: Served, args: argparse.Namespace) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     samples = [sample(served, started_s)]
-    print(f"{'t (s)':>7} {'received':>12} {'stored':>12} {'queue':>7} {'RSS MiB':>8}")
+    print(f"{'t (s)':>7} {'received':>12} {'stored':>12} {'queue':>7} {'requests':>8} {'RSS MiB':>8}")
     done = threading.Event()
     threading.Thread(target=lambda: (pusher.wait(), done.set()), name="push-wait", daemon=True).start()
     while True:
         finished = done.wait(args.every)
         now = sample(served, started_s)
         samples.append(now)
-        print(f"{now.at_s:7.0f} {now.received:12,.0f} {now.stored:12,.0f} {now.queue:7,.0f} {now.rss_mib:8.1f}",
-              flush=True)
+        print(f"{now.at_s:7.0f} {now.received:12,.0f} {now.stored:12,.0f} {now.queue:7,.0f} {now.in_flight:8,.0f} "
+              f"{now.rss_mib:8.1f}", flush=True)
         if finished and now.stored >= now.received:
             break
     summary = pusher.stdout.read() if pusher.stdout else ""
