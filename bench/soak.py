@@ -6,9 +6,10 @@ Starts a real `ingest serve` (its defaults, 4 consumers) on a Postgres database 
 drops, and runs `ingest push` against it: NDJSON batches of 100 at `--rate` messages/s plus
 `--burst` more at once every second, until `--messages` are sent (push catches up with its
 schedule when the service pushes back). Every `--every` seconds it reads the service's RSS and
-/metrics, and prints a line (received, stored, queue depth, requests in flight, RSS). At the end: RSS first/peak/last, the 503 share of the requests, and
-p50/p95/p99 of accepted → committed latency from the service's histogram (interpolated within
-buckets, as Prometheus' histogram_quantile does). Figures, not assertions.
+/metrics, and prints a line: received, stored, queue depth, requests in flight, RSS. At the
+end: RSS first/peak/last, the 503 share of the requests, and p50/p95/p99 of accepted ->
+committed latency from the service's histogram (interpolated within buckets, as Prometheus'
+histogram_quantile does). Figures, not assertions.
 """
 
 from __future__ import annotations
