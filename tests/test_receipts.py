@@ -269,3 +269,32 @@ def test_a_dead_letter_replayed_moves_the_receipt_and_the_waiting_gauge(
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM messages")).scalar_one() == 6
     wait_until(lambda: metric(service, "ingest_dead_letters_waiting") == 0, 20, "no dead letter waiting")
+
+
+def _cli(*args: str) -> int:
+    from ingest.cli import run
+
+    try:
+        return run(list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+def test_requests_purge_deletes_old_receipts_and_asks_first(make_service, db_url, capsys, monkeypatch) -> None:
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # nobody at a terminal to answer
+    service = make_service(db_url=db_url)
+    ids = [_push(service.url, 2, query="?ack=commit").json()["request"] for _ in range(3)]
+    capsys.readouterr()
+    assert _cli("requests", "purge", "--db", db_url, "--before", "1h") == 0  # none that old
+    assert "purged 0 receipt(s) of requests received before" in capsys.readouterr().out
+    assert _cli("requests", "purge", "--db", db_url, "--before", "2999-01-01") == 1  # no terminal: no
+    assert "purge declined: nothing deleted" in capsys.readouterr().err
+    assert all(_receipt(service.url, request_id).status == 200 for request_id in ids)
+    assert _cli("requests", "purge", "--db", db_url, "--before", "2999-01-01", "--yes") == 0
+    assert "purged 3 receipt(s) of requests received before 2999-01-01T00:00:00Z" in capsys.readouterr().out
+    assert all(_receipt(service.url, request_id).status == 404 for request_id in ids)
+    assert _cli("requests", "purge", "--db", db_url, "--before", "yesterday") == 2
+    assert "is not a time" in capsys.readouterr().err

@@ -328,13 +328,37 @@ def dead_letters_purge(db_url: str, before: datetime, yes: bool) -> None:
     """Delete letters that failed before TIME. Asks first, unless --yes."""
     from ingest import dead_letters
 
+    _purge(db_url, before, yes, "dead letter(s) that failed", dead_letters.count_before, dead_letters.purge)
+
+
+@main.group("requests")
+def requests_group() -> None:
+    """Receipts of accepted requests (table requests, read by GET /requests/{id})."""
+
+
+@requests_group.command("purge")
+@_db_option("Database to purge.")
+@click.option("--before", type=When(), required=True, help="Delete receipts of requests received before TIME.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def requests_purge(db_url: str, before: datetime, yes: bool) -> None:
+    """Delete receipts of requests received before TIME (their ids then answer 404). Asks first,
+    unless --yes. Nothing else deletes receipts: one a request, they grow until purged."""
+    from ingest import receipt_rows
+
+    _purge(db_url, before, yes, "receipt(s) of requests received", receipt_rows.count_before, receipt_rows.purge)
+
+
+def _purge(
+    db_url: str, before: datetime, yes: bool, what: str,
+    count: Callable[[Engine, datetime], int], purge: Callable[[Engine, datetime], int],
+) -> None:
     with _letters_db(db_url) as engine:
         if not yes:
-            count = dead_letters.count_before(engine, before)
-            if count and not _confirmed(f"purge {count} dead letter(s) that failed before {_stamp(before)}?"):
+            found = count(engine, before)
+            if found and not _confirmed(f"purge {found} {what} before {_stamp(before)}?"):
                 _fail("purge declined: nothing deleted (--yes purges without asking)", EXIT_FAILURE)
-        purged = dead_letters.purge(engine, before)
-    click.echo(f"purged {purged} dead letter(s) that failed before {_stamp(before)}")
+        purged = purge(engine, before)
+    click.echo(f"purged {purged} {what} before {_stamp(before)}")
 
 
 def _confirmed(question: str) -> bool:

@@ -12,8 +12,9 @@ from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from sqlalchemy import select
-from sqlalchemy.engine import Connection
+from sqlalchemy import delete, func, select
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.elements import ColumnElement
 
 from ingest.messages import Message, Receipt
 from ingest.pool import ConnectionPool
@@ -66,3 +67,22 @@ def lookup(pool: ConnectionPool, request_id: str) -> Counts | None:
     with pool.connection() as conn:
         row = conn.execute(query).first()
     return None if row is None else Counts.of(row.accepted, row.stored, row.dead_lettered)
+
+
+def count_before(engine: Engine, before: datetime) -> int:
+    """Receipts of requests received before `before` (an aware datetime)."""
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(requests).where(_before(before))).scalar_one())
+
+
+def purge(engine: Engine, before: datetime) -> int:
+    """Delete the receipts of requests received before `before`; their ids then answer 404.
+
+    Nothing else deletes them: one row a request, they grow like `messages` until purged."""
+    with engine.begin() as conn:
+        return conn.execute(delete(requests).where(_before(before))).rowcount
+
+
+def _before(before: datetime) -> ColumnElement[bool]:
+    # Bound as UTC: SQLite keeps naive UTC text and compares text, ignoring any offset.
+    return requests.c.received_at < before.astimezone(UTC)
