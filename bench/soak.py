@@ -15,6 +15,7 @@ histogram_quantile does). Figures, not assertions.
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 import threading
@@ -118,11 +119,13 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=30_000, help="extra messages at once, every second")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--every", type=float, default=10.0, help="seconds between samples")
+    parser.add_argument("--serve", default="", help='more flags for ingest serve, e.g. "--queue-size 2000 '
+                        '--enqueue-timeout 0" to make bursts overflow the queue')
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test",
                         help="an admin URL; the soak creates and drops its own database")
     args = parser.parse_args()
     with database(args.postgres) as url:
-        served = Served(url, [])
+        served = Served(url, shlex.split(args.serve))
         try:
             soak(served, args)
         finally:
