@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -94,9 +95,11 @@ def raw_sqlite(path: str, rows: list[dict[str, object]], batch: int) -> float:
 
 class Served:
     def __init__(self, db_url: str, extra: list[str]) -> None:
+        # Workers share a port they are given; one process takes any free one.
+        self.port = free_port() if "--workers" in extra else 0
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ingest", "serve", "--port", "0", "--db", db_url, "--log-level", "warning",
-             "--consumers", "4", *extra],
+            [sys.executable, "-m", "ingest", "serve", "--port", str(self.port), "--db", db_url,
+             "--log-level", "warning", "--consumers", "4", *extra],
             stderr=subprocess.PIPE, text=True,
         )
         assert self.proc.stderr is not None
@@ -110,8 +113,8 @@ class Served:
                 raise SystemExit(f"ingest serve exited: {self.proc.stderr.read() if self.proc.stderr else ''}")
             out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
             for line in out.splitlines():
-                if f"pid={self.proc.pid}," in line:
-                    port = line.split()[3].rsplit(":", 1)[1]
+                port = line.split()[3].rsplit(":", 1)[1]
+                if f"pid={self.proc.pid}," in line or (self.port and port == str(self.port)):
                     url = f"http://127.0.0.1:{port}"
                     try:
                         import urllib.request
@@ -125,10 +128,14 @@ class Served:
         raise SystemExit("ingest serve did not become ready")
 
     def peak_rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Of the process, or with --workers of the parent and its workers together."""
+        pids = [self.proc.pid, *children(self.proc.pid)]
+        total = 0.0
+        for pid in pids:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+        return total
 
     def stop(self) -> int:
         self.proc.terminate()
@@ -167,6 +174,24 @@ def bare_aiohttp(seconds: int, concurrency: int) -> float:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def push(url: str, count: int, batch: int, concurrency: int, token: str | None = None) -> int:
@@ -255,7 +280,7 @@ def sqlite_case(args: argparse.Namespace, rows: list[dict[str, object]]) -> None
         report("sqlite", url, count, raw, args)
 
 
-MODES = ("memory", "spool-full", "spool-normal", "auth")
+MODES = ("memory", "spool-full", "spool-normal", "auth", "workers-2")
 BENCH_TOKEN = "bench-token-0123456789abcdef"
 
 
@@ -270,6 +295,8 @@ def mode_flags(mode: str, tmp: str) -> Mode:
     with --auth-tokens, every request carrying a valid bearer token."""
     if mode == "memory":
         return Mode([])
+    if mode.startswith("workers-"):
+        return Mode(["--workers", mode.removeprefix("workers-")])
     if mode == "auth":
         tokens = Path(tmp) / "tokens"
         tokens.write_text(f"bench:{BENCH_TOKEN}\n")
@@ -304,7 +331,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["postgres", "sqlite"])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="memory (no spool), a spool with --spool-sync full or normal, "
-                             "auth (memory with --auth-tokens)")
+                             "auth (memory with --auth-tokens), workers-2 (memory with --workers 2)")
     args = parser.parse_args()
     rows = messages(args.messages)
     client = "wrk + bench/single.lua, bench/ndjson.lua" if shutil.which("wrk") else "ingest push"

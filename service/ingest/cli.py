@@ -56,6 +56,9 @@ SETTINGS_OPTIONS: list[Decorator] = [
             help="sqlite:///file.db or postgresql+psycopg://user@host/db"),
     _option("--consumers", "consumers", envvar="INGEST_CONSUMERS", type=int, default=_DEFAULTS.consumers,
             help="Consumer threads writing batches."),
+    _option("--workers", "workers", envvar="INGEST_WORKERS", type=int, default=_DEFAULTS.workers,
+            help="Processes sharing the port (SO_REUSEPORT), each a whole pipeline with --consumers "
+                 "threads; /metrics adds them up. More than 1 needs a fixed --port and no --spool."),
     _option("--queue-size", "queue_size", envvar="INGEST_QUEUE_SIZE", type=int, default=_DEFAULTS.queue_size,
             help="Buffer capacity, in messages."),
     _option("--enqueue-timeout", "enqueue_timeout_s", envvar="INGEST_ENQUEUE_TIMEOUT", type=float,
@@ -141,6 +144,10 @@ def serve(**values: Any) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
     )
+    if settings.workers > 1:
+        from ingest.workers import Workers
+
+        sys.exit(Workers(settings).run())
     service = Service(settings)
     # Before start: a SIGTERM during start-up (a `docker stop` right after `up`) must not be lost,
     # and as PID 1 without a handler it would be. The drain then begins as soon as start returns.

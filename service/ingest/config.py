@@ -31,6 +31,7 @@ class Settings:
     port: int = 8080
     db_url: str = "sqlite:///ingest.db"
     consumers: int = 4
+    workers: int = 1
     queue_size: int = 10_000
     enqueue_timeout_s: float = 1.0
     batch_size: int = 1000
@@ -73,8 +74,8 @@ class Settings:
 
     def validate(self) -> None:
         _check_port(self.port)
-        for name in ("consumers", "queue_size", "batch_size", "pool_size", "max_body_bytes", "spool_max_bytes",
-                     "max_connections"):
+        for name in ("consumers", "workers", "queue_size", "batch_size", "pool_size", "max_body_bytes",
+                     "spool_max_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
@@ -104,6 +105,10 @@ class Settings:
             raise ConfigError("tls_client_ca needs tls_cert and tls_key: mutual TLS is TLS first")
         if self.metrics_token is not None and len(self.metrics_token) < 16:
             raise ConfigError("metrics_token must be at least 16 characters")
+        if self.workers > 1 and self.port == 0:
+            raise ConfigError("workers share one port: give --port (not 0) with --workers")
+        if self.workers > 1 and self.spool is not None:
+            raise ConfigError("a spool has one writer: use --workers 1 with --spool (or one replica a spool)")
         if self.id_field is not None and not self.id_field.strip():
             raise ConfigError("id_field must name a field of the messages, got an empty name")
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import ssl
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from aiohttp import web
@@ -24,6 +25,7 @@ class ListenerThread(threading.Thread):
     def __init__(
         self, app: web.Application, host: str, port: int, shutdown_timeout_s: float, *,
         guard: ConnectionGuard, keepalive_timeout_s: float = 15.0, ssl_context: ssl.SSLContext | None = None,
+        reuse_port: bool = False, private_metrics: tuple[str, Callable[[], bytes]] | None = None,
     ) -> None:
         # Non-daemon: its handlers may still be answering clients whose messages are committing.
         super().__init__(name="listener", daemon=False)
@@ -34,6 +36,8 @@ class ListenerThread(threading.Thread):
         self._ssl_context = ssl_context
         self._guard = guard
         self._keepalive_timeout_s = keepalive_timeout_s
+        self._reuse_port = reuse_port  # --workers: every worker process binds the same port
+        self._private_metrics = private_metrics  # (unix socket path, exposition) for the other workers
         self.started: Future[int] = Future()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -59,16 +63,21 @@ class ListenerThread(threading.Thread):
             # closes (so the client sees the reply, not a reset); aiohttp's default is 10 s.
             lingering_time=2.0,
         )
+        private: asyncio.AbstractServer | None = None
         try:
             await runner.setup()
             assert runner.server is not None
             self._guard.wrap(runner.server)
+            private = await self._serve_private_metrics()
             # Our own server instead of aiohttp's TCPSite, so that every connection passes the guard.
             server = await self._loop.create_server(
                 self._guard, self._host, self._port, ssl=self._ssl_context, reuse_address=True, backlog=1024,
+                reuse_port=self._reuse_port or None,
             )
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
             self.started.set_exception(exc)
+            if private is not None:
+                private.close()
             await runner.cleanup()
             return
         self.started.set_result(int(server.sockets[0].getsockname()[1]))
@@ -77,10 +86,25 @@ class ListenerThread(threading.Thread):
             await self._stop_event.wait()
         finally:
             self._guard.stop()
+            if private is not None:
+                private.close()
             # Graceful: stop accepting, let in-flight handlers (clients awaiting commits) finish.
             server.close()
             await runner.cleanup()
             await server.wait_closed()
+
+    async def _serve_private_metrics(self) -> asyncio.AbstractServer | None:
+        """With --workers: this worker's own metrics on a unix socket, for the worker that is
+        asked for /metrics to add up (metrics_merge.py)."""
+        if self._private_metrics is None:
+            return None
+        path, exposition = self._private_metrics
+
+        async def metrics(_request: web.BaseRequest) -> web.Response:
+            return web.Response(body=exposition(), content_type="text/plain")
+
+        assert self._loop is not None
+        return await self._loop.create_unix_server(web.Server(metrics, access_log=None), path)
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from any thread."""

@@ -80,6 +80,9 @@ class Metrics:
             "ingest_requests_in_flight", "Accepted requests not yet all stored or dead-lettered (the receipts ledger)",
             registry=r,
         )
+        self.worker_restarts = Gauge(
+            "ingest_worker_restarts", "Worker processes (--workers) that died and were replaced", registry=r
+        )
         self.dead_letters_waiting = Gauge(
             "ingest_dead_letters_waiting",
             "Rows in dead_letters (every replica's), waiting to be replayed or purged; counted every 15 s",

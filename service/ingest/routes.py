@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from ingest.auth import UNKNOWN, Tokens
@@ -69,6 +70,8 @@ class RouteConfig:
     lookup_receipt: Callable[[str], Counts | None]  # from the database; blocking, so run on `lookups`
     lookups: Executor
     lookup_timeout_s: float
+    # --workers: this worker's exposition -> every worker's, added up (metrics_merge.py)
+    merge_metrics: Callable[[str], Awaitable[str]] | None
     is_stopping: Callable[[], bool]
     is_healthy: Callable[[], bool]
     is_ready: Callable[[], bool]
@@ -101,7 +104,7 @@ async def openapi(_request: web.Request) -> web.Response:
 
 
 def _protected_metrics(config: RouteConfig) -> Handler:
-    serve = make_aiohttp_handler(config.metrics.registry)
+    serve = make_aiohttp_handler(config.metrics.registry) if config.merge_metrics is None else _merged_metrics(config)
     if config.metrics_token is None:
         return serve
     expected = f"Bearer {config.metrics_token}".encode()
@@ -111,6 +114,17 @@ def _protected_metrics(config: RouteConfig) -> Handler:
         if not hmac.compare_digest(presented, expected):
             raise Unauthorized("/metrics needs Authorization: Bearer <metrics token>")
         return await serve(request)
+
+    return metrics
+
+
+def _merged_metrics(config: RouteConfig) -> Handler:
+    merge = config.merge_metrics
+    assert merge is not None
+
+    async def metrics(_request: web.Request) -> web.Response:
+        text = await merge(generate_latest(config.metrics.registry).decode())
+        return web.Response(text=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return metrics
 

@@ -16,10 +16,13 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from ingest import migrate, receipt_rows
+from prometheus_client import generate_latest
+
+from ingest import metrics_merge, migrate, receipt_rows
 from ingest.auth import UNKNOWN, Tokens
 from ingest.buffer import Buffer
 from ingest.config import Settings
@@ -55,10 +58,25 @@ PROBE_INTERVAL_S = 5.0
 DEAD_LETTER_COUNT_INTERVAL_S = 15.0
 
 
+@dataclass(frozen=True)
+class WorkerSlot:
+    """This process is worker `index` of `ingest serve --workers N` (workers.py): it shares the
+    port, and serves its metrics on a unix socket in `socket_dir` for its siblings to add up."""
+
+    index: int
+    socket_dir: str
+    restarts: int = 0  # workers the parent has replaced so far, shown as ingest_worker_restarts
+
+    @property
+    def socket(self) -> str:
+        return str(Path(self.socket_dir) / f"worker-{self.index}.sock")
+
+
 class Service:
-    def __init__(self, settings: Settings, shutdown: Shutdown | None = None) -> None:
+    def __init__(self, settings: Settings, shutdown: Shutdown | None = None, worker: WorkerSlot | None = None) -> None:
         self.settings = settings
         self.shutdown = shutdown or Shutdown()
+        self.worker = worker
         self._consumer_names = [f"consumer-{n}" for n in range(1, settings.consumers + 1)]
         self.metrics = Metrics(self._consumer_names)
         self.tokens = Tokens(Path(settings.auth_tokens)) if settings.auth_tokens is not None else None
@@ -93,6 +111,8 @@ class Service:
             make_app(self._route_config()), settings.host, settings.port,
             shutdown_timeout_s=settings.drain_timeout_s, guard=self.guard,
             keepalive_timeout_s=settings.keepalive_timeout_s, ssl_context=ssl_context,
+            reuse_port=worker is not None,
+            private_metrics=(worker.socket, self._exposition) if worker is not None else None,
         )
         self.scheme = "https" if ssl_context is not None else "http"
         self.port: int | None = None
@@ -129,6 +149,7 @@ class Service:
             lookup_receipt=lambda request_id: receipt_rows.lookup(self.pool, request_id),
             lookups=self._lookups,
             lookup_timeout_s=LOOKUP_TIMEOUT_S,
+            merge_metrics=self._merge_metrics if self.worker is not None else None,
             rate_limiter=(
                 RateLimiter(self.settings.rate_limit, self.settings.rate_burst or self.settings.rate_limit)
                 if self.settings.rate_limit is not None else None
@@ -137,6 +158,13 @@ class Service:
             is_healthy=self.healthy,
             is_ready=self.ready,
         )
+
+    def _exposition(self) -> bytes:
+        return generate_latest(self.metrics.registry)
+
+    async def _merge_metrics(self, own: str) -> str:
+        assert self.worker is not None
+        return metrics_merge.merge(await metrics_merge.gather(self.worker.socket_dir, self.worker.socket, own))
 
     def _unprotected_warning(self) -> str | None:
         """Said at start and by /readyz when anyone who can reach a non-loopback port may push."""
@@ -155,6 +183,7 @@ class Service:
         m.consumers_configured.set(self.settings.consumers)
         m.http_connections.set_function(lambda: self.guard.open_connections)
         m.requests_in_flight.set_function(lambda: len(self.ledger))
+        m.worker_restarts.set(self.worker.restarts if self.worker is not None else 0)
         if self.spool is not None:
             spool = self.spool
             m.spool_messages.set_function(lambda: spool.messages)

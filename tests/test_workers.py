@@ -1,0 +1,114 @@
+"""`ingest serve --workers N`: real processes on one port; metrics add up; a dead worker is replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from httpclient import request
+from ingest.push import PushOptions, run
+from serving import ServeProcess, serving
+from waiting import wait_until
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _metric(url: str, line_start: str) -> float | None:
+    for line in request(f"{url}/metrics").body.decode().splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and b"spawn_main" in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+@contextmanager
+def _two_workers(tmp_path: Path) -> Iterator[tuple[ServeProcess, str]]:
+    port = _free_port()
+    with serving(["--workers", "2", "--port", str(port), "--db", f"sqlite:///{tmp_path / 'w.db'}"]) as proc:
+        wait_until(lambda: any("(2 workers," in line for line in proc.log), 60, "the parent's ready line")
+        yield proc, f"http://127.0.0.1:{port}"
+
+
+def test_workers_share_the_port_and_their_metrics_add_up(tmp_path) -> None:
+    with _two_workers(tmp_path) as (proc, url):
+        summary = run(PushOptions(url=url, count=3000, batch=10, concurrency=16))
+        assert summary.ok, summary.format()
+        stored = 'ingest_messages_stored_total'
+        wait_until(lambda: _metric(url, stored) == 3000, 30, "3000 stored, as the merged metrics say")
+        # Each scrape lands on either worker; every one of them must see both workers' counts.
+        for _ in range(8):
+            assert _metric(url, 'ingest_messages_received_total{client="anonymous"}') == 3000
+            assert _metric(url, "ingest_consumers_configured") == 8
+        proc.process.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    assert any("ingest stopped (2 workers, exit code 0)" in line for line in proc.log)
+
+
+def test_a_killed_worker_is_noticed_counted_and_replaced(tmp_path) -> None:
+    with _two_workers(tmp_path) as (proc, url):
+        workers = wait_until(lambda: len(_children(proc.process.pid)) == 2 and _children(proc.process.pid), 10,
+                             "two worker processes")
+        os.kill(workers[0], signal.SIGKILL)
+        wait_until(lambda: any("starting a replacement (1 so far)" in line for line in proc.log), 30, "the notice")
+        wait_until(lambda: _metric(url, "ingest_worker_restarts") == 1, 30, "the restart counted")
+        assert run(PushOptions(url=url, count=500, batch=10, concurrency=8)).ok
+        proc.process.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+
+
+def test_workers_need_a_port_and_no_spool(tmp_path) -> None:
+    base = [sys.executable, "-m", "ingest", "serve", "--workers", "2", "--db", f"sqlite:///{tmp_path / 'w.db'}"]
+    for extra, says in (
+        (["--port", "0"], "workers share one port: give --port (not 0) with --workers"),
+        (["--port", str(_free_port()), "--spool", str(tmp_path / "s.db")], "a spool has one writer"),
+    ):
+        done = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert says in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_worker_that_cannot_start_stops_them_all_with_one_line(tmp_path) -> None:
+    with socket.socket() as taken:  # bound without SO_REUSEPORT: no worker can share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "ingest", "serve", "--workers", "2", "--port", str(port),
+             "--db", f"sqlite:///{tmp_path / 'w.db'}"],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"ingest: error: cannot listen on 127.0.0.1:{port}: address already in use" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_workers_drain_and_exit_when_the_parent_is_killed(tmp_path) -> None:
+    with _two_workers(tmp_path) as (proc, url):
+        workers = wait_until(lambda: len(_children(proc.process.pid)) == 2 and _children(proc.process.pid), 10,
+                             "two worker processes")
+        assert run(PushOptions(url=url, count=500, batch=10, concurrency=8)).ok
+        proc.process.kill()
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30, "the orphans gone")
