@@ -48,8 +48,12 @@ def _children(pid: int) -> list[int]:
 def _two_workers(tmp_path: Path) -> Iterator[tuple[ServeProcess, str]]:
     port = _free_port()
     with serving(["--workers", "2", "--port", str(port), "--db", f"sqlite:///{tmp_path / 'w.db'}"]) as proc:
-        wait_until(lambda: any("(2 workers," in line for line in proc.log), 60, "the parent's ready line")
-        yield proc, f"http://127.0.0.1:{port}"
+        try:
+            wait_until(lambda: any("ingest ready on" in line and "(2 workers," in line for line in proc.log), 60,
+                       "the parent's ready line")
+            yield proc, f"http://127.0.0.1:{port}"
+        except BaseException as exc:
+            raise AssertionError("ingest serve --workers 2 said:\n" + "".join(proc.log)) from exc
 
 
 def test_workers_share_the_port_and_their_metrics_add_up(tmp_path) -> None:

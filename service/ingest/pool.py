@@ -120,7 +120,9 @@ def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         assert isinstance(dbapi_connection, sqlite3.Connection)
         cursor = dbapi_connection.cursor()
+        # The timeout first: switching to WAL takes a lock another process (a second worker, a
+        # dead-letters command) may hold for a moment, and without it that is "database is locked".
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cursor.close()

@@ -34,6 +34,7 @@ from types import FrameType
 from ingest import migrate
 from ingest.config import Settings, mask_url
 from ingest.errors import IngestError, StartupError
+from ingest.pool import ConnectionPool
 from ingest.service import EXIT_OK, Service, WorkerSlot
 
 log = logging.getLogger(__name__)
@@ -81,13 +82,18 @@ class Workers:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def _migrate(self) -> None:
-        """Once, here: N workers migrating at once would race each other."""
-        if not self.settings.migrate:
-            return
+        """Once, here: N workers migrating at once would race each other. Then one connection
+        through the pool's set-up, so a SQLite file is in WAL mode before any worker opens it
+        (switching takes a lock the workers would otherwise fight over at start)."""
+        pool = ConnectionPool(self.settings.db_url, 1)
         try:
-            migrate.upgrade_url(self.settings.db_url)
+            if self.settings.migrate:
+                migrate.upgrade(pool.engine)
+            pool.ping()
         except Exception as exc:
-            raise StartupError(f"cannot migrate the database: {str(exc).splitlines()[0]}") from exc
+            raise StartupError(f"cannot prepare the database: {str(exc).splitlines()[0]}") from exc
+        finally:
+            pool.dispose()
 
     def _spawn(self, index: int) -> None:
         slot = WorkerSlot(index, self._socket_dir, self._restarts)
