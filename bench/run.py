@@ -3,12 +3,13 @@
     python bench/run.py [--messages 200000] [--single 20000] [--postgres URL]
 
 For each database (Postgres, SQLite) it starts a real `ingest serve`, pushes generated messages
-(NDJSON batches of 100 and 1 message a request, with `wrk` and bench/ndjson.lua or
-bench/single.lua when wrk is installed, since a Python client would take the cores the service
-and the database need; else with `ingest push`), waits until every acknowledged message is in
-the table, and prints messages/s end to end. In the same run it writes the same messages straight to the same
-database with the same driver (the raw limit) and prints `ingest / raw`, plus the service's
-peak RSS. Figures, not assertions.
+(NDJSON batches of 100 and 1 message a request) with `wrk` and bench/messages.lua when wrk is
+installed (a Python client would take the cores the service and the database need; else with
+`ingest push`), waits until every acknowledged message is in the table, and prints messages/s
+end to end. In the same run it writes the same messages straight to the same database with the
+same driver (the raw limit) and prints `ingest / raw`, measures a bare aiohttp handler
+(bench/bare.py) for the 1-message ratio, and prints the service's peak RSS. Figures, not
+assertions.
 """
 
 from __future__ import annotations
@@ -151,9 +152,9 @@ def wrk_seconds(count: int, batch: int) -> int:
 
 
 def wrk_messages(url: str, seconds: int, concurrency: int, batch: int = 1, token: str | None = None) -> int:
-    """Requests of `batch` messages (bench/single.lua for 1, bench/ndjson.lua for more) with wrk
-    for `seconds`, with a bearer token if given; how many messages were answered 202."""
-    script = Path(__file__).with_name("single.lua" if batch == 1 else "ndjson.lua")
+    """Requests of `batch` messages (bench/messages.lua) with wrk for `seconds`, with a bearer
+    token if given; how many messages were answered 202."""
+    script = Path(__file__).with_name("messages.lua")
     env = {**os.environ, "INGEST_TOKEN": token} if token else None
     done = subprocess.run(
         ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "-s", str(script), f"{url}/messages",
@@ -334,7 +335,7 @@ def main() -> None:
                              "auth (memory with --auth-tokens), workers-2 (memory with --workers 2)")
     args = parser.parse_args()
     rows = messages(args.messages)
-    client = "wrk + bench/single.lua, bench/ndjson.lua" if shutil.which("wrk") else "ingest push"
+    client = "wrk + bench/messages.lua" if shutil.which("wrk") else "ingest push"
     print(f"about {args.messages:,} messages (NDJSON runs), about {args.single:,} (single runs); client {client}, "
           f"concurrency {args.concurrency}; ingest serve with its defaults and 4 consumers")
     args.bare = None
