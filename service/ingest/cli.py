@@ -242,7 +242,7 @@ def _db_option(help: str) -> Decorator:
 
 
 @contextmanager
-def _letters_db(db_url: str) -> Iterator[Engine]:
+def _database_at_head(db_url: str) -> Iterator[Engine]:
     """An engine on a database at head; a database error or a missing table ends in one line."""
     from ingest.dead_letters import SchemaNotReady, check_schema
     from ingest.store import first_line
@@ -283,7 +283,7 @@ def dead_letters_list(db_url: str, since: datetime | None, limit: int, as_json: 
     """Show what was refused, when and why. Oldest first (by failed_at), the first --limit letters."""
     from ingest import dead_letters
 
-    with _letters_db(db_url) as engine:
+    with _database_at_head(db_url) as engine:
         page = dead_letters.list_letters(engine, since=since, limit=limit)
     if not as_json:
         for line in page.table():
@@ -310,7 +310,7 @@ def dead_letters_replay(db_url: str, ids: tuple[int, ...], since: datetime | Non
 
     if sum((bool(ids), since is not None, everything)) != 1:
         raise click.UsageError("give exactly one of --id N (repeatable), --since TIME or --all")
-    with _letters_db(db_url) as engine:
+    with _database_at_head(db_url) as engine:
         chosen = list(dict.fromkeys(ids)) if ids else dead_letters.select_ids(engine, since=since)
         result = dead_letters.replay(engine, chosen)
     summary = (f"replayed {result.replayed}: stored {result.stored}, already stored {result.already_stored}, "
@@ -359,7 +359,7 @@ def _purge(
     db_url: str, before: datetime, yes: bool, what: str,
     count: Callable[[Engine, datetime], int], purge: Callable[[Engine, datetime], int],
 ) -> None:
-    with _letters_db(db_url) as engine:
+    with _database_at_head(db_url) as engine:
         if not yes:
             found = count(engine, before)
             if found and not _confirmed(f"purge {found} {what} before {_stamp(before)}?"):

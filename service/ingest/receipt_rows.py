@@ -19,7 +19,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from ingest.messages import Message, Receipt
 from ingest.pool import ConnectionPool
 from ingest.receipts import Counts
-from ingest.tables import requests
+from ingest.tables import SQLITE_STAMP, requests
 
 _TABLE = requests.name
 _UPDATE = (
@@ -38,7 +38,6 @@ _UPSERT_SQLITE = (
     f"INSERT INTO {_TABLE} (id, accepted, stored, dead_lettered, received_at) VALUES (?, ?, ?, ?, ?) "
     + _UPDATE.format(greatest="max")
 )
-_SQLITE_STAMP = "%Y-%m-%d %H:%M:%S.%f"  # as SQLAlchemy's DateTime writes it on SQLite
 
 
 def write(conn: Connection, messages: Iterable[Message], *, dead: bool = False) -> None:
@@ -56,7 +55,7 @@ def write(conn: Connection, messages: Iterable[Message], *, dead: bool = False) 
         ))
         return
     conn.exec_driver_sql(_UPSERT_SQLITE, [
-        (r.id, r.accepted, s, d, datetime.fromtimestamp(r.received_at, UTC).strftime(_SQLITE_STAMP))
+        (r.id, r.accepted, s, d, datetime.fromtimestamp(r.received_at, UTC).strftime(SQLITE_STAMP))
         for (r, _), s, d in zip(receipts, stored, dead_counts, strict=True)
     ])
 

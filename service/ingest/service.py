@@ -41,7 +41,7 @@ from ingest.routes import RouteConfig, make_app
 from ingest.shutdown import Shutdown
 from ingest.spool_feeder import SpoolFeeder
 from ingest.spool_writer import KEPT_IN_SPOOL, SpoolWriter
-from ingest.store import Store, WriteResult
+from ingest.store import Store, WriteResult, first_line
 from ingest.supervisor import Supervisor
 from ingest.tls import server_context
 
@@ -363,7 +363,7 @@ class Service:
         if exc is None:
             self.metrics.dead_letters_waiting.set(counting.result())
         else:
-            log.warning("could not count dead letters: %s", str(exc).splitlines()[0] if str(exc) else exc)
+            log.warning("could not count dead letters: %s", first_line(exc))
 
     # -- stop --------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from ingest.errors import PermanentStoreError, StartupError, TransientStoreError
 from ingest.messages import Message
 from ingest.metrics import Metrics
 from ingest.pool import ConnectionPool
-from ingest.tables import dead_letters, messages, requests
+from ingest.tables import SQLITE_STAMP, dead_letters, messages, requests
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +242,6 @@ def _utc(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, UTC)
 
 
-# SQLAlchemy's DateTime stores SQLite timestamps as this text; write the same, so Core reads them.
-_SQLITE_STAMP = "%Y-%m-%d %H:%M:%S.%f"
 # The conflict target names the partial index's predicate, or neither database would match it.
 _ON_CONFLICT = "ON CONFLICT (ident) WHERE ident IS NOT NULL DO NOTHING RETURNING ident"
 _INSERT_SQLITE = f"INSERT INTO {messages.name} (received_at, payload, ident) VALUES (?, ?, ?)"
@@ -287,7 +285,7 @@ def _stamps(batch: list[Message], render: Callable[[datetime], str]) -> list[str
 
 
 def _sqlite_rows(batch: list[Message]) -> list[tuple[str, str, str | None]]:
-    stamps = _stamps(batch, lambda moment: moment.strftime(_SQLITE_STAMP))
+    stamps = _stamps(batch, lambda moment: moment.strftime(SQLITE_STAMP))
     return [(stamp, m.text, m.ident) for stamp, m in zip(stamps, batch, strict=True)]
 
 

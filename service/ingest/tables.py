@@ -31,6 +31,9 @@ metadata = MetaData(
     }
 )
 
+# How SQLAlchemy's DateTime stores a moment on SQLite (text, naive UTC); raw writes use the same.
+SQLITE_STAMP = "%Y-%m-%d %H:%M:%S.%f"
+
 # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 _ID = BigInteger().with_variant(Integer(), "sqlite")
 

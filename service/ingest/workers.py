@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import queue
 import shutil
 import signal
 import sys
@@ -36,6 +37,7 @@ from ingest.config import Settings, mask_url
 from ingest.errors import IngestError, StartupError
 from ingest.pool import ConnectionPool
 from ingest.service import EXIT_OK, Service, WorkerSlot
+from ingest.store import first_line
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ class Workers:
                 migrate.upgrade(pool.engine)
             pool.ping()
         except Exception as exc:
-            raise StartupError(f"cannot prepare the database: {str(exc).splitlines()[0]}") from exc
+            raise StartupError(f"cannot prepare the database: {first_line(exc)}") from exc
         finally:
             pool.dispose()
 
@@ -114,7 +116,7 @@ class Workers:
                 raise StartupError("workers did not start in time" if remaining <= 0 else "stopped during start-up")
             try:
                 index, error = self._reports.get(timeout=min(remaining, CHECK_INTERVAL_S))
-            except Exception:  # noqa: BLE001 - queue.Empty: look at the processes, then wait again
+            except queue.Empty:  # look at the processes, then wait again
                 dead = [i for i, p in self._processes.items() if p.exitcode is not None and i not in ready]
                 if dead:
                     raise StartupError(f"worker-{dead[0]} exited during start-up (exit code "
@@ -142,7 +144,7 @@ class Workers:
         while True:
             try:
                 index, error = self._reports.get_nowait()
-            except Exception:  # noqa: BLE001 - queue.Empty
+            except queue.Empty:
                 return
             if error is not None:
                 log.error("worker-%d could not start: %s", index, error)
