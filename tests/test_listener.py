@@ -1,6 +1,7 @@
 """Every input format and every error status, over real HTTP on loopback."""
 
 import gzip
+import socket
 
 import pytest
 
@@ -92,3 +93,54 @@ def test_health_readiness_and_metrics_endpoints(make_service) -> None:
     assert request(f"{service.url}/readyz").json() == {"ready": True}
     reply = request(f"{service.url}/metrics")
     assert reply.status == 200 and b"ingest_queue_capacity 10000.0" in reply.body
+
+
+_PATHS_CASES = [
+    (b'{"a": 1}', {"Content-Type": "application/json"}),
+    (b'{"a": ', {"Content-Type": "application/json"}),
+    (b'{"a": 1}', {"Content-Type": "text/plain"}),
+    (b"x" * 2000, {"Content-Type": "application/json"}),
+    (b'{"a": 1}', {"Content-Type": "application/json", "X-Request-Id": "same-id-1"}),
+]
+
+
+def test_the_hot_path_and_the_routers_path_answer_alike(make_service) -> None:
+    """POST /messages skips aiohttp's router (routes.hot_path) unless the request has Expect;
+    both ways must give the same reply."""
+    service = make_service(max_body_bytes=1000)
+    for body, headers in _PATHS_CASES:
+        hot = request(f"{service.url}/messages", "POST", body, headers)
+        routed = request(f"{service.url}/messages", "POST", body, {**headers, "Expect": "100-continue"})
+        assert (hot.status, hot.headers["content-type"]) == (routed.status, routed.headers["content-type"])
+        hot_body, routed_body = hot.json(), routed.json()
+        if hot.status == 202:
+            assert hot_body.keys() == routed_body.keys() == {"accepted", "request"}
+            assert "x-request-id" in hot.headers and "x-request-id" in routed.headers
+            if "X-Request-Id" in headers:
+                assert hot_body == routed_body
+        else:
+            assert hot_body == routed_body
+    assert metric(service, "ingest_http_requests_total", {"code": "202"}) == 4
+    assert metric(service, "ingest_http_requests_total", {"code": "400"}) == 2
+    # Methods the hot path does not take still get the router's 405 with its Allow header.
+    reply = request(f"{service.url}/messages", "GET")
+    assert reply.status == 405 and "POST" in reply.headers["allow"] and reply.json()["error"]
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(make_service) -> None:
+    """curl sends `Expect: 100-continue` for bodies over 1 KiB and waits for it before sending
+    them: the hot path must leave such requests to aiohttp, which answers it."""
+    service = make_service()
+    host, port = service.url.removeprefix("http://").rsplit(":", 1)
+    body = b'{"a": 1}'
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body))
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue")  # times out (fails) without it
+        sock.sendall(body)
+        reply = b""
+        while b'"request"' not in reply:
+            chunk = sock.recv(4096)
+            assert chunk, reply
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 202")

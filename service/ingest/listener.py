@@ -11,8 +11,9 @@ import contextlib
 import logging
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -20,12 +21,15 @@ from ingest.guard import ConnectionGuard
 
 log = logging.getLogger(__name__)
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
 
 class ListenerThread(threading.Thread):
     def __init__(
         self, app: web.Application, host: str, port: int, shutdown_timeout_s: float, *,
         guard: ConnectionGuard, keepalive_timeout_s: float = 15.0, ssl_context: ssl.SSLContext | None = None,
         reuse_port: bool = False, private_metrics: tuple[str, Callable[[], bytes]] | None = None,
+        hot_path: Callable[[Handler], Handler] | None = None,
     ) -> None:
         # Non-daemon: its handlers may still be answering clients whose messages are committing.
         super().__init__(name="listener", daemon=False)
@@ -38,6 +42,7 @@ class ListenerThread(threading.Thread):
         self._keepalive_timeout_s = keepalive_timeout_s
         self._reuse_port = reuse_port  # --workers: every worker process binds the same port
         self._private_metrics = private_metrics  # (unix socket path, exposition) for the other workers
+        self._hot_path = hot_path  # routes.hot_path: wraps the application's request handler
         self.started: Future[int] = Future()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -67,6 +72,11 @@ class ListenerThread(threading.Thread):
         try:
             await runner.setup()
             assert runner.server is not None
+            if self._hot_path is not None:
+                # The application's server makes web.Request objects (its request_factory),
+                # though aiohttp types the handler for the base class.
+                application = cast(Handler, runner.server.request_handler)
+                runner.server.request_handler = cast(Any, self._hot_path(application))
             self._guard.wrap(runner.server)
             private = await self._serve_private_metrics()
             # Our own server instead of aiohttp's TCPSite, so that every connection passes the guard.

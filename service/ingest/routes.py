@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.aiohttp import make_aiohttp_handler
 
@@ -86,7 +86,7 @@ def make_app(config: RouteConfig) -> web.Application:
         client_max_size=config.max_body_bytes, middlewares=[errors_to_json]
     )
     app[CONFIG] = config
-    app.router.add_post("/messages", post_messages)
+    app.router.add_post("/messages", _routed_post_messages)
     app.router.add_get("/requests/{id}", get_request)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -136,22 +136,49 @@ def error_response(status: int, error: str, detail: Any = None, retry_after_s: f
 
 @web.middleware
 async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    return await _answer(request.app[CONFIG], request, handler)
+
+
+def hot_path(config: RouteConfig) -> Callable[[Handler], Handler]:
+    """Wraps aiohttp's request handler: POST /messages goes straight to its handler, anything
+    else on to the application (router, then errors_to_json).
+
+    Resolving the route and running the middleware chain cost every request about 11 µs of the
+    listener's CPU (profiled under bench/run.py: 51 → 40 µs a request with an empty handler),
+    a fifth of what a 1-message request costs. Both ways pass through the same `_answer`, so a
+    request's reply does not depend on the way it took. A request with `Expect` takes the
+    application's way, which answers 100-continue.
+    """
+    async def post(request: web.Request) -> web.Response:
+        return await post_messages(config, request)
+
+    def wrap(application: Handler) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            if request.method == "POST" and request.path == "/messages" and hdrs.EXPECT not in request.headers:
+                return await _answer(config, request, post)
+            return await application(request)
+
+        return handle
+
+    return wrap
+
+
+async def _answer(config: RouteConfig, request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one table from errors to status codes; also counts every response by code, and stops
     the connection's header clock (guard.py) while the request is handled."""
-    config = request.app[CONFIG]
     metrics = config.metrics
     guarded = config.guard.request_started(request)
     try:
         response = await handler(request)
     except Rejected as exc:
-        metrics.rejected.labels(exc.reason, _label(request)).inc(exc.messages)
+        metrics.rejected.labels(exc.reason, _label(config, request)).inc(exc.messages)
         response = error_response(exc.status, str(exc), exc.detail)
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = "Bearer"
         if isinstance(exc, RequestTimeout):
             response.force_close()  # the rest of the body may still be on its way
     except Backpressure as exc:  # 503, or 429 for a client over its rate limit
-        metrics.rejected.labels(exc.reason, _label(request)).inc(exc.messages)
+        metrics.rejected.labels(exc.reason, _label(config, request)).inc(exc.messages)
         response = error_response(exc.status, str(exc), retry_after_s=exc.retry_after_s)
     except WriteFailed as exc:
         detail = {"stored": exc.stored, "failed": exc.failed, "request": exc.request_id}
@@ -173,9 +200,13 @@ async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamRe
     return response
 
 
-async def post_messages(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
-    client = _client(request)
+async def _routed_post_messages(request: web.Request) -> web.Response:
+    # The router's way to the same handler: for a request with Expect (see hot_path).
+    return await post_messages(request.app[CONFIG], request)
+
+
+async def post_messages(config: RouteConfig, request: web.Request) -> web.Response:
+    client = _client(config, request)
     ack_mode = request.query.get("ack", config.default_ack)
     if ack_mode not in ("enqueue", "commit"):
         raise Invalid(f"ack must be enqueue or commit, not {ack_mode!r}")
@@ -224,7 +255,7 @@ async def post_messages(request: web.Request) -> web.Response:
 async def get_request(request: web.Request) -> web.Response:
     """A receipt: the database's counts, or this process's while the request is in flight here."""
     config = request.app[CONFIG]
-    _client(request)  # whoever may push may ask
+    _client(config, request)  # whoever may push may ask
     request_id = request.match_info["id"]
     if not is_sane(request_id):
         return _unknown_request(request_id)
@@ -262,18 +293,18 @@ def _unknown_request(request_id: str) -> web.Response:
     )
 
 
-def _client(request: web.Request) -> str:
+def _client(config: RouteConfig, request: web.Request) -> str:
     """The client's name from its bearer token; Unauthorized without a valid one."""
-    client = _label(request)
+    client = _label(config, request)
     if client == UNKNOWN:  # a reserved name: no token file may use it
         raise Unauthorized("missing or unknown token: send Authorization: Bearer <token>")
     return client
 
 
-def _label(request: web.Request) -> str:
+def _label(config: RouteConfig, request: web.Request) -> str:
     """The client label of a refused request: its name if its token is valid, else `unknown`.
     Asked again rather than stored, since only refusals need it."""
-    tokens = request.app[CONFIG].tokens
+    tokens = config.tokens
     if tokens is None:
         return ANONYMOUS
     return tokens.client(request.headers.get("Authorization")) or UNKNOWN

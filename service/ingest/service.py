@@ -37,7 +37,7 @@ from ingest.pace import Throughput
 from ingest.pool import ConnectionPool
 from ingest.ratelimit import RateLimiter
 from ingest.receipts import Ledger
-from ingest.routes import RouteConfig, make_app
+from ingest.routes import RouteConfig, hot_path, make_app
 from ingest.shutdown import Shutdown
 from ingest.spool_feeder import SpoolFeeder
 from ingest.spool_writer import KEPT_IN_SPOOL, SpoolWriter
@@ -107,8 +107,9 @@ class Service:
         self.guard = ConnectionGuard(
             max_connections=settings.max_connections, header_timeout_s=settings.header_timeout_s, metrics=self.metrics
         )
+        route_config = self._route_config()
         self.listener = ListenerThread(
-            make_app(self._route_config()), settings.host, settings.port,
+            make_app(route_config), settings.host, settings.port, hot_path=hot_path(route_config),
             shutdown_timeout_s=settings.drain_timeout_s, guard=self.guard,
             keepalive_timeout_s=settings.keepalive_timeout_s, ssl_context=ssl_context,
             reuse_port=worker is not None,
