@@ -298,3 +298,33 @@ def test_requests_purge_deletes_old_receipts_and_asks_first(make_service, db_url
     assert all(_receipt(service.url, request_id).status == 404 for request_id in ids)
     assert _cli("requests", "purge", "--db", db_url, "--before", "yesterday") == 2
     assert "is not a time" in capsys.readouterr().err
+
+
+def test_receipt_rows_keep_every_id_count_and_moment(db_url, make_engine) -> None:
+    """receipt_rows writes Postgres' arrays as literals of its own: ids that need quoting or
+    escaping, and each moment to the microsecond, must come back as they went in."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+
+    from ingest import migrate, receipt_rows
+    from ingest.messages import Message, Receipt
+    from ingest.tables import requests
+
+    engine = make_engine(db_url)
+    migrate.upgrade(engine)
+    ids = ["plain-1", 'q"uote', "back\\slash", "NULL", "comma,{brace}", " spaced ", '","']
+    moments = [1764243000.123456 + i * 1.000001 for i in range(len(ids))]
+    receipts = [Receipt(rid, i + 2, moment) for i, (rid, moment) in enumerate(zip(ids, moments, strict=True))]
+    batch = [Message("{}", r.received_at, ident=None, receipt=r) for r in receipts for _ in range(r.accepted - 1)]
+    with engine.begin() as conn:
+        receipt_rows.write(conn, batch)
+        receipt_rows.write(conn, batch[:1], dead=True)
+    with engine.connect() as conn:
+        rows = {row.id: row for row in conn.execute(select(requests))}
+    assert sorted(rows) == sorted(ids)
+    for i, receipt in enumerate(receipts):
+        row = rows[receipt.id]
+        assert (row.accepted, row.stored, row.dead_lettered) == (i + 2, i + 1, 1 if i == 0 else 0)
+        stored_at = row.received_at if row.received_at.tzinfo else row.received_at.replace(tzinfo=UTC)
+        assert stored_at == datetime.fromtimestamp(receipt.received_at, UTC)

@@ -50,3 +50,22 @@ def test_backoff_is_capped_and_jittered() -> None:
     assert max(backoff.delay_s(0) for _ in range(200)) <= 0.1
     assert len(set(delays)) > 100  # jitter: retries of many consumers do not march in step
     assert backoff.delay_s(10_000) <= 2.0
+
+
+def test_stamps_render_each_moment_as_datetime_does() -> None:
+    """tables.stamps renders moments by hand (a prefix a second): it must say what datetime
+    says, microseconds rounded alike, in both databases' forms."""
+    import random
+    from datetime import UTC, datetime
+
+    from ingest.tables import SQLITE_STAMP, stamps
+
+    rng = random.Random(7)
+    moments = [rng.uniform(0, 4e9) for _ in range(20_000)]
+    moments += [1764243000.9999995, 1764243000.0000005, 1764243000.0000015, 1764243000.0, 0.5, 1.9999999]
+    moments += [m for m in moments[:50]]  # repeats side by side, as a request's messages are
+    moments.sort()
+    for moment, iso, sqlite in zip(moments, stamps(moments, sqlite=False), stamps(moments, sqlite=True), strict=True):
+        expected = datetime.fromtimestamp(moment, UTC)
+        assert datetime.fromisoformat(iso) == expected, (moment, iso)
+        assert sqlite == expected.strftime(SQLITE_STAMP), (moment, sqlite)

@@ -19,7 +19,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from ingest.messages import Message, Receipt
 from ingest.pool import ConnectionPool
 from ingest.receipts import Counts
-from ingest.tables import SQLITE_STAMP, requests
+from ingest.tables import requests, stamps
 
 _TABLE = requests.name
 _UPDATE = (
@@ -50,14 +50,32 @@ def write(conn: Connection, messages: Iterable[Message], *, dead: bool = False) 
     dead_counts = [n if dead else 0 for _, n in receipts]
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(_UPSERT_POSTGRES, (
-            [r.id for r, _ in receipts], [r.accepted for r, _ in receipts], stored, dead_counts,
-            [r.received_at for r, _ in receipts],
+            _text_array([r.id for r, _ in receipts]), _number_array([r.accepted for r, _ in receipts]),
+            _number_array(stored), _number_array(dead_counts), _number_array([r.received_at for r, _ in receipts]),
         ))
         return
+    received = stamps([r.received_at for r, _ in receipts], sqlite=True)
     conn.exec_driver_sql(_UPSERT_SQLITE, [
-        (r.id, r.accepted, s, d, datetime.fromtimestamp(r.received_at, UTC).strftime(SQLITE_STAMP))
-        for (r, _), s, d in zip(receipts, stored, dead_counts, strict=True)
+        (r.id, r.accepted, s, d, stamp)
+        for (r, _), s, d, stamp in zip(receipts, stored, dead_counts, received, strict=True)
     ])
+
+
+# Array literals written here, not by psycopg's list dumper: it checks every element with a
+# regular expression, which cost a 1-message request's row 3 µs of the consumer's time
+# (profiled), more than the rest of its receipt.
+
+
+def _number_array(values: list[int] | list[float]) -> str:
+    return "{" + ",".join(map(repr, values)) + "}"  # a float's repr reads back exactly
+
+
+def _text_array(values: list[str]) -> str:
+    # Request ids are of sane form (receipts.py), so quoting each is enough; escape otherwise.
+    joined = '","'.join(values)
+    if "\\" in joined or joined.count('"') != 2 * (len(values) - 1):
+        joined = '","'.join(v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
+    return '{"' + joined + '"}'
 
 
 def lookup(pool: ConnectionPool, request_id: str) -> Counts | None:

@@ -34,7 +34,7 @@ from ingest.errors import PermanentStoreError, StartupError, TransientStoreError
 from ingest.messages import Message
 from ingest.metrics import Metrics
 from ingest.pool import ConnectionPool
-from ingest.tables import SQLITE_STAMP, dead_letters, messages, requests
+from ingest.tables import dead_letters, messages, requests, stamps
 
 log = logging.getLogger(__name__)
 
@@ -272,21 +272,9 @@ def _copy_escape(text: str) -> str:
     return text
 
 
-def _stamps(batch: list[Message], render: Callable[[datetime], str]) -> list[str]:
-    """received_at of each message as text; a request's messages share one, so render once."""
-    rendered: dict[float, str] = {}
-    out = []
-    for m in batch:
-        stamp = rendered.get(m.received_at)
-        if stamp is None:
-            stamp = rendered[m.received_at] = render(_utc(m.received_at))
-        out.append(stamp)
-    return out
-
-
 def _sqlite_rows(batch: list[Message]) -> list[tuple[str, str, str | None]]:
-    stamps = _stamps(batch, lambda moment: moment.strftime(SQLITE_STAMP))
-    return [(stamp, m.text, m.ident) for stamp, m in zip(stamps, batch, strict=True)]
+    received = stamps([m.received_at for m in batch], sqlite=True)
+    return [(stamp, m.text, m.ident) for stamp, m in zip(received, batch, strict=True)]
 
 
 def _insert_messages(conn: Connection, batch: list[Message]) -> None:
@@ -308,11 +296,11 @@ def _copy_ident(ident: str | None) -> str:
 
 
 def _copy_data(batch: list[Message], *, idents: bool = True) -> str:
-    stamps = _stamps(batch, datetime.isoformat)
+    received = stamps([m.received_at for m in batch], sqlite=False)
     if not idents:
-        return "".join(f"{stamp}\t{_copy_escape(m.text)}\n" for stamp, m in zip(stamps, batch, strict=True))
+        return "".join(f"{stamp}\t{_copy_escape(m.text)}\n" for stamp, m in zip(received, batch, strict=True))
     return "".join(
-        f"{stamp}\t{_copy_escape(m.text)}\t{_copy_ident(m.ident)}\n" for stamp, m in zip(stamps, batch, strict=True)
+        f"{stamp}\t{_copy_escape(m.text)}\t{_copy_ident(m.ident)}\n" for stamp, m in zip(received, batch, strict=True)
     )
 
 

@@ -5,6 +5,10 @@ Imports nothing from ingest, so Alembic's env.py can load it alone.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -33,6 +37,31 @@ metadata = MetaData(
 
 # How SQLAlchemy's DateTime stores a moment on SQLite (text, naive UTC); raw writes use the same.
 SQLITE_STAMP = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def stamps(moments: Iterable[float], *, sqlite: bool) -> list[str]:
+    """Epoch seconds as the text a raw write sends: SQLITE_STAMP, or ISO 8601 in UTC (Postgres).
+
+    Rendered from a prefix made once a second: datetime's own rendering cost a 1-message
+    request's row about 1 µs of a consumer's time (profiled), where each has its own moment.
+    The microseconds round half to even, as datetime.fromtimestamp rounds them.
+    """
+    sep, zone = (" ", "") if sqlite else ("T", "+00:00")
+    heads: dict[int, str] = {}
+    out: list[str] = []
+    last, rendered = None, ""
+    for moment in moments:
+        if moment != last:  # a request's messages share one moment, and lie side by side
+            whole = math.floor(moment)
+            micros = round((moment - whole) * 1_000_000)
+            if micros == 1_000_000:
+                whole, micros = whole + 1, 0
+            head = heads.get(whole)
+            if head is None:
+                head = heads[whole] = datetime.fromtimestamp(whole, UTC).strftime(f"%Y-%m-%d{sep}%H:%M:%S")
+            last, rendered = moment, f"{head}.{micros:06d}{zone}"
+        out.append(rendered)
+    return out
 
 # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 _ID = BigInteger().with_variant(Integer(), "sqlite")
