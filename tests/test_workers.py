@@ -116,3 +116,28 @@ def test_workers_drain_and_exit_when_the_parent_is_killed(tmp_path) -> None:
         assert run(PushOptions(url=url, count=500, batch=10, concurrency=8)).ok
         proc.process.kill()
         wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30, "the orphans gone")
+
+
+def test_a_worker_says_ready_only_once_every_worker_has_started(tmp_path) -> None:
+    """A client that connected to the first worker up would keep its connections there; so a
+    worker's /readyz waits for the parent's word that all have started (WorkerSlot.all_started)."""
+    import threading
+
+    from ingest.config import Settings
+    from ingest.service import Service, WorkerSlot
+
+    all_started = threading.Event()
+    settings = Settings.from_mapping({"port": 0, "db_url": f"sqlite:///{tmp_path / 'w.db'}", "consumers": 1})
+    service = Service(settings, worker=WorkerSlot(0, str(tmp_path), 0, all_started))
+    service.start()
+    try:
+        url = f"http://127.0.0.1:{service.port}"
+        reply = request(f"{url}/readyz")
+        assert (reply.status, reply.json()["ready"]) == (503, False)
+        assert request(f"{url}/healthz").status == 200  # alive all the same
+        all_started.set()
+        reply = request(f"{url}/readyz")
+        assert (reply.status, reply.json()["ready"]) == (200, True)
+    finally:
+        service.shutdown.stopping.set()
+        service.stop()

@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 from prometheus_client import generate_latest
 
@@ -58,6 +59,12 @@ PROBE_INTERVAL_S = 5.0
 DEAD_LETTER_COUNT_INTERVAL_S = 15.0
 
 
+class EventLike(Protocol):
+    """threading.Event or multiprocessing's Event (a different class, the same is_set)."""
+
+    def is_set(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class WorkerSlot:
     """This process is worker `index` of `ingest serve --workers N` (workers.py): it shares the
@@ -66,6 +73,11 @@ class WorkerSlot:
     index: int
     socket_dir: str
     restarts: int = 0  # workers the parent has replaced so far, shown as ingest_worker_restarts
+    # Set by the parent once every worker has started. Until then /readyz says not ready: a
+    # client that connected to the first worker up would keep its connections there (the
+    # kernel spreads connections among the sockets bound at the time), and one worker would
+    # serve them all. None: no such wait (tests that make a slot by hand).
+    all_started: EventLike | None = None
 
     @property
     def socket(self) -> str:
@@ -220,7 +232,11 @@ class Service:
         return self.listener.is_alive() and consumers_ok and self._dead_pipeline_thread() is None
 
     def ready(self) -> bool:
-        return self._ready.is_set() and not self.shutdown.stopping.is_set() and self.store.reachable
+        siblings = self.worker.all_started if self.worker is not None else None
+        return (
+            self._ready.is_set() and not self.shutdown.stopping.is_set() and self.store.reachable
+            and (siblings is None or siblings.is_set())
+        )
 
     # -- start -------------------------------------------------------------------------------
 

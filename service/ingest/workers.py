@@ -6,7 +6,8 @@ waits for it much of the rest (README, Benchmark). Worker processes each run a c
 spreads connections among them; each has its own GIL.
 
 The parent migrates the schema once, starts the workers, and waits until all of them are ready
-(or reports the first one's start-up error and stops the rest). Then it supervises, as the main
+(or reports the first one's start-up error and stops the rest); no worker says ready on /readyz
+before then, so clients that wait for it find every worker listening. Then it supervises, as the main
 thread of a single process supervises its consumers: a worker that exits while nobody asked it
 to is logged, counted (`ingest_worker_restarts`, in the replacement's metrics) and replaced. On
 SIGTERM or SIGINT the parent asks each worker to drain (one SIGTERM each; workers ignore SIGINT,
@@ -52,6 +53,7 @@ class Workers:
         self.settings = settings
         self._context = multiprocessing.get_context("spawn")  # no fork of a process with threads
         self._reports: Queue[tuple[int, str | None]] = self._context.Queue()  # (index, start-up error or None)
+        self._all_started = self._context.Event()  # workers say ready (/readyz) once it is set
         self._socket_dir = tempfile.mkdtemp(prefix="ingest-workers-")
         self._processes: dict[int, SpawnProcess] = {}
         self._started_at: dict[int, float] = {}
@@ -71,6 +73,7 @@ class Workers:
             for index in range(self.settings.workers):
                 self._spawn(index)
             self._wait_ready()
+            self._all_started.set()
             scheme = "https" if self.settings.tls_cert is not None else "http"
             log.info("ingest ready on %s://%s:%d (%d workers, %s)", scheme, self.settings.host, self.settings.port,
                      self.settings.workers, mask_url(self.settings.db_url))
@@ -98,7 +101,7 @@ class Workers:
             pool.dispose()
 
     def _spawn(self, index: int) -> None:
-        slot = WorkerSlot(index, self._socket_dir, self._restarts)
+        slot = WorkerSlot(index, self._socket_dir, self._restarts, self._all_started)
         process = self._context.Process(
             target=_worker_main, args=(replace(self.settings, migrate=False), slot, self._reports),
             name=f"worker-{index}", daemon=False,
