@@ -8,8 +8,8 @@ installed (a Python client would take the cores the service and the database nee
 `ingest push`), waits until every acknowledged message is in the table, and prints messages/s
 end to end. In the same run it writes the same messages straight to the same database with the
 same driver (the raw limit) and prints `ingest / raw`, measures a bare aiohttp handler
-(bench/bare.py) for the 1-message ratio, and prints the service's peak RSS. Figures, not
-assertions.
+(bench/bare.py) just before each 1-message run for its ratio (`--rounds` pairs, the median
+printed), and prints the service's peak RSS. Figures, not assertions.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import re
 import shutil
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -306,20 +307,37 @@ def mode_flags(mode: str, tmp: str) -> Mode:
 
 
 def report(label: str, url: str, count: Callable[[], int], raw: float, args: argparse.Namespace) -> None:
-    """Each mode on the same messages; spool modes also as a ratio to memory mode in this run,
-    1-message runs also as a ratio to the bare aiohttp handler measured in this run."""
+    """Each mode on the same messages; spool modes also as a ratio to memory mode in this run.
+
+    With wrk, each 1-message run is paired with a run of the bare aiohttp handler just before
+    it and repeated `--rounds` times: this machine's speed drifts by 20 % within minutes, so a
+    ratio is taken between neighbours, and the median of the rounds is the figure.
+    """
     memory: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for batch, total, name in ((100, args.messages, "NDJSON x100"), (1, args.single, "1 msg/request")):
             for mode in args.modes:
-                rate, rss = end_to_end(url, count, total, batch, args.concurrency, mode_flags(mode, tmp))
+                paired = batch == 1 and shutil.which("wrk") is not None
+                rates, ratios = [], []
+                for _ in range(args.rounds if paired else 1):
+                    bare = bare_aiohttp(wrk_seconds(total, 1), args.concurrency) if paired else None
+                    rate, rss = end_to_end(url, count, total, batch, args.concurrency, mode_flags(mode, tmp))
+                    rates.append(rate)
+                    versus = ""
+                    if bare is not None:
+                        ratios.append(rate / bare)
+                        versus = f"; bare aiohttp just before {bare:,.0f} req/s: / bare = {rate / bare:.2f}"
+                    print(f"{label} {mode:12} {name}: {rate:,.0f} msgs/s end to end; ingest / raw = "
+                          f"{rate / raw:.3f}{versus}; peak RSS {rss:.0f} MiB")
+                rate = statistics.median(rates)
                 if mode == "memory":
                     memory[batch] = rate
-                versus = f"; / memory = {rate / memory[batch]:.2f}" if batch in memory and mode != "memory" else ""
-                if batch == 1 and args.bare:
-                    versus += f"; / bare aiohttp = {rate / args.bare:.2f}"
-                print(f"{label} {mode:12} {name}: {rate:,.0f} msgs/s end to end; ingest / raw = {rate / raw:.3f}"
-                      f"{versus}; peak RSS {rss:.0f} MiB")
+                summary = [f"/ memory = {rate / memory[batch]:.2f}"] if batch in memory and mode != "memory" else []
+                if ratios:
+                    summary.insert(0, f"/ bare aiohttp = {statistics.median(ratios):.2f} (median of {len(ratios)}: "
+                                      + ", ".join(f"{r:.2f}" for r in ratios) + ")")
+                if summary:
+                    print(f"{label} {mode:12} {name}: " + "; ".join(summary))
 
 
 def main() -> None:
@@ -327,6 +345,8 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200_000, help="messages for the NDJSON runs")
     parser.add_argument("--single", type=int, default=20_000, help="messages for the 1-a-request runs")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="1-message runs, each paired with a bare aiohttp run just before it (with wrk)")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test",
                         help="an admin URL; the benchmark creates and drops its own database")
     parser.add_argument("--only", choices=["postgres", "sqlite"])
@@ -338,10 +358,9 @@ def main() -> None:
     client = "wrk + bench/messages.lua" if shutil.which("wrk") else "ingest push"
     print(f"about {args.messages:,} messages (NDJSON runs), about {args.single:,} (single runs); client {client}, "
           f"concurrency {args.concurrency}; ingest serve with its defaults and 4 consumers")
-    args.bare = None
     if shutil.which("wrk"):
-        args.bare = bare_aiohttp(wrk_seconds(args.single, 1), args.concurrency)
-        print(f"bare aiohttp (reads the body, answers 202, nothing else): {args.bare:,.0f} req/s, same wrk load")
+        print("bare aiohttp: bench/bare.py (reads the body, answers 202, nothing else), same wrk load, "
+              f"run before each 1-message run ({args.rounds} rounds)")
     if args.only != "sqlite":
         postgres_case(args.postgres, args, rows)
     if args.only != "postgres":
