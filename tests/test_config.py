@@ -27,7 +27,7 @@ def fail(capsys, *args: str) -> str:
 def test_defaults(capsys) -> None:
     shown = show(capsys)
     assert shown["queue_size"] == "10000" and shown["consumers"] == "4" and shown["ack"] == '"enqueue"'
-    assert shown["db_url"] == '"sqlite:///ingest.db"' and shown["batch_linger_s"] == "0.02"
+    assert shown["db_url"] == '"sqlite:///ingest.db"' and shown["batch_linger_s"] == "0.05"
 
 
 def test_file_then_env_then_flag(capsys, tmp_path, monkeypatch) -> None:

@@ -35,7 +35,7 @@ class Settings:
     queue_size: int = 10_000
     enqueue_timeout_s: float = 1.0
     batch_size: int = 1000
-    batch_linger_s: float = 0.02
+    batch_linger_s: float = 0.05
     pool_size: int = 4
     drain_timeout_s: float = 30.0
     ack: str = "enqueue"
