@@ -27,6 +27,18 @@ def test_the_wait_is_the_backlog_at_the_recent_rate_and_grows_when_nothing_is_st
     assert pace.retry_after_s(10) == 60  # stalled: the longest wait
 
 
+def test_records_are_bounded_by_the_window_when_nobody_asks_for_the_rate() -> None:
+    """A service that never refuses never asks for the rate; its records must not pile up (a
+    60 million message soak grew 8 MiB from one record a batch before they were trimmed)."""
+    clock = Clock()
+    pace = Throughput(window_s=10, clock=clock)
+    for _ in range(100_000):  # 1,000 s of commits, 100 a second
+        pace.record(1_000)
+        clock.now += 0.01
+    assert len(pace) <= 1_001
+    assert pace.rate() == 100_000  # the window's figure is unchanged by the trimming
+
+
 def _post(url: str, count: int) -> tuple[int, str | None]:
     body = "".join(json.dumps({"n": n}) + "\n" for n in range(count)).encode()
     reply = request(f"{url}/messages", "POST", body, {"Content-Type": "application/x-ndjson"})
