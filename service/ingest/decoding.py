@@ -12,6 +12,7 @@ accepts what `json` refuses.
 
 from __future__ import annotations
 
+import functools
 import json
 import zlib
 from typing import Any
@@ -62,6 +63,7 @@ def decompress(body: bytes, encoding: str, max_bytes: int) -> bytes:
     return data
 
 
+@functools.lru_cache(maxsize=64)  # clients send a handful of distinct headers; refusals are not kept
 def media_type(content_type: str) -> str:
     """The bare media type, checking that any charset is UTF-8 (JSON has no other)."""
     kind, _, params = content_type.partition(";")
