@@ -57,6 +57,7 @@ def test_password_is_masked(capsys, monkeypatch) -> None:
         (["--queue-size", "-5"], "queue_size must be at least 1, got -5"),
         (["--consumers", "0"], "consumers must be at least 1"),
         (["--batch-linger", "-1"], "batch_linger_s must not be negative"),
+        (["--pin-workers"], "give --workers 2 or more with it"),
         (["--ack", "later"], "ack must be one of enqueue, commit, got 'later'"),
         (["--db", "mysql://u@h/db"], "db_url scheme 'mysql' is not supported"),
         (["--db", "postgresql+asyncpg://u@h/db"], "is not supported"),

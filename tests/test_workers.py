@@ -141,3 +141,50 @@ def test_a_worker_says_ready_only_once_every_worker_has_started(tmp_path) -> Non
     finally:
         service.shutdown.stopping.set()
         service.stop()
+
+
+def test_pinned_workers_keep_every_thread_to_a_cpu_of_their_own(tmp_path) -> None:
+    """--pin-workers: each worker's threads (listener, consumers, ...) may run on one CPU only,
+    and with as many CPUs as workers, not the same one."""
+    allowed = sorted(os.sched_getaffinity(0))
+    port = _free_port()
+    args = ["--workers", "2", "--pin-workers", "--port", str(port), "--db", f"sqlite:///{tmp_path / 'w.db'}"]
+    with serving(args) as proc:
+        wait_until(lambda: any("ingest ready on" in line and "(2 workers," in line for line in proc.log), 60,
+                   "the parent's ready line")
+        workers = _children(proc.process.pid)
+        assert len(workers) == 2, proc.log
+        pinned = []
+        for pid in workers:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            assert len(tasks) > 3  # the listener and the consumers are there to be checked
+            cpus = {(task / "status").read_text().split("Cpus_allowed_list:")[1].split()[0] for task in tasks}
+            assert len(cpus) == 1, cpus
+            pinned.append(cpus.pop())
+        assert all(int(cpu) in allowed for cpu in pinned)
+        if len(allowed) >= 2:
+            assert pinned[0] != pinned[1]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_exit_when_the_parent_is_killed_while_they_start(tmp_path) -> None:
+    """Killed before its workers are even ready, the parent leaves none behind: each knows its
+    parent's pid from the parent itself, not from getppid() once the parent may be gone."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingest", "serve", "--workers", "2", "--port", str(_free_port()),
+         "--db", f"sqlite:///{tmp_path / 'w.db'}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: len(_children(proc.pid)) == 2, 60, "two workers spawned")
+        workers = _children(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    wait_until(lambda: not any(_running(pid) for pid in workers), 60, "the orphaned workers gone")

@@ -59,6 +59,10 @@ SETTINGS_OPTIONS: list[Decorator] = [
     _option("--workers", "workers", envvar="INGEST_WORKERS", type=int, default=_DEFAULTS.workers,
             help="Processes sharing the port (SO_REUSEPORT), each a whole pipeline with --consumers "
                  "threads; /metrics adds them up. More than 1 needs a fixed --port and no --spool."),
+    _option("--pin-workers/--no-pin-workers", "pin_workers", envvar="INGEST_PIN_WORKERS",
+            default=_DEFAULTS.pin_workers,
+            help="With --workers: each worker process keeps to one CPU of those this process may use "
+                 "(round robin), so its listener and consumers hand the GIL over on one core."),
     _option("--queue-size", "queue_size", envvar="INGEST_QUEUE_SIZE", type=int, default=_DEFAULTS.queue_size,
             help="Buffer capacity, in messages."),
     _option("--enqueue-timeout", "enqueue_timeout_s", envvar="INGEST_ENQUEUE_TIMEOUT", type=float,

@@ -32,6 +32,7 @@ class Settings:
     db_url: str = "sqlite:///ingest.db"
     consumers: int = 4
     workers: int = 1
+    pin_workers: bool = False
     queue_size: int = 10_000
     enqueue_timeout_s: float = 1.0
     batch_size: int = 1000
@@ -107,6 +108,8 @@ class Settings:
             raise ConfigError("metrics_token must be at least 16 characters")
         if self.workers > 1 and self.port == 0:
             raise ConfigError("workers share one port: give --port (not 0) with --workers")
+        if self.pin_workers and self.workers < 2:
+            raise ConfigError("pin_workers pins worker processes to CPUs: give --workers 2 or more with it")
         if self.workers > 1 and self.spool is not None:
             raise ConfigError("a spool has one writer: use --workers 1 with --spool (or one replica a spool)")
         if self.id_field is not None and not self.id_field.strip():
