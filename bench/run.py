@@ -282,7 +282,7 @@ def sqlite_case(args: argparse.Namespace, rows: list[dict[str, object]]) -> None
         report("sqlite", url, count, raw, args)
 
 
-MODES = ("memory", "spool-full", "spool-normal", "auth", "workers-2")
+MODES = ("memory", "spool-full", "spool-normal", "auth", "workers-2", "workers-2-pinned")
 BENCH_TOKEN = "bench-token-0123456789abcdef"
 
 
@@ -297,8 +297,9 @@ def mode_flags(mode: str, tmp: str) -> Mode:
     with --auth-tokens, every request carrying a valid bearer token."""
     if mode == "memory":
         return Mode([])
-    if mode.startswith("workers-"):
-        return Mode(["--workers", mode.removeprefix("workers-")])
+    if mode.startswith("workers-"):  # workers-N, or workers-N-pinned for --pin-workers
+        count, _, pinned = mode.removeprefix("workers-").partition("-")
+        return Mode(["--workers", count, *(["--pin-workers"] if pinned == "pinned" else [])])
     if mode == "auth":
         tokens = Path(tmp) / "tokens"
         tokens.write_text(f"bench:{BENCH_TOKEN}\n")
@@ -352,7 +353,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["postgres", "sqlite"])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="memory (no spool), a spool with --spool-sync full or normal, "
-                             "auth (memory with --auth-tokens), workers-2 (memory with --workers 2)")
+                             "auth (memory with --auth-tokens), workers-2 (memory with --workers 2), "
+                             "workers-2-pinned (the same with --pin-workers)")
     args = parser.parse_args()
     rows = messages(args.messages)
     client = "wrk + bench/messages.lua" if shutil.which("wrk") else "ingest push"
