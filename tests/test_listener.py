@@ -65,10 +65,9 @@ def test_chunked_body_over_the_limit_all_at_once_is_413(make_service) -> None:
     """The whole chunked body in one write: it is all in the buffer when the handler runs, which
     takes it without awaiting the read, so that path must check the length itself."""
     service = make_service(max_body_bytes=1000)
-    host, port = service.url.removeprefix("http://").rsplit(":", 1)
     body = b"[" + b" " * 1800 + b"]"
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
         sock.sendall(b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked)
         reply = b""
@@ -148,9 +147,8 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(make_service) -
     """curl sends `Expect: 100-continue` for bodies over 1 KiB and waits for it before sending
     them: the hot path must leave such requests to aiohttp, which answers it."""
     service = make_service()
-    host, port = service.url.removeprefix("http://").rsplit(":", 1)
     body = b'{"a": 1}'
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
         sock.sendall(b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body))
         assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue")  # times out (fails) without it

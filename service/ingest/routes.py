@@ -145,8 +145,8 @@ def hot_path(config: RouteConfig) -> Callable[[Handler], Handler]:
 
     Resolving the route and running the middleware chain cost every request about 11 µs of the
     listener's CPU (profiled under bench/run.py: 51 → 40 µs a request with an empty handler),
-    about a sixth of what a 1-message request costs. Both ways pass through the same `_answer`, so a
-    request's reply does not depend on the way it took. A request with `Expect` takes the
+    about a sixth of what a 1-message request costs. Both ways pass through the same `_answer`,
+    so a request's reply does not depend on the way it took. A request with `Expect` takes the
     application's way, which answers 100-continue.
     """
     async def post(request: web.Request) -> web.Response:

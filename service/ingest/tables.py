@@ -63,6 +63,7 @@ def stamps(moments: Iterable[float], *, sqlite: bool) -> list[str]:
         out.append(rendered)
     return out
 
+
 # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 _ID = BigInteger().with_variant(Integer(), "sqlite")
 

@@ -155,9 +155,7 @@ class Workers:
     def _stop(self) -> int:
         """One SIGTERM each (a drain), then wait; a second signal to the parent ends the drains."""
         self._stopping.set()
-        for process in self._processes.values():
-            if process.exitcode is None:
-                process.terminate()
+        self._terminate_running()
         codes = []
         for process in self._processes.values():
             while process.exitcode is None:
@@ -168,6 +166,12 @@ class Workers:
         log.info("ingest stopped (%d workers, exit code %d)", len(codes), worst)
         return worst
 
+    def _terminate_running(self) -> None:
+        """SIGTERM to each worker still running: the first asks it to drain, a second ends that."""
+        for process in self._processes.values():
+            if process.exitcode is None:
+                process.terminate()
+
     def _install_signal_handlers(self) -> None:
         def handler(signum: int, _frame: FrameType | None) -> None:
             if signum == signal.SIGHUP:  # each worker reads its token file again
@@ -177,9 +181,7 @@ class Workers:
                 return
             self._signals += 1
             if self._signals > 1:  # impatient: end the workers' drains now
-                for process in self._processes.values():
-                    if process.exitcode is None:
-                        process.terminate()
+                self._terminate_running()
             self._stopping.set()
 
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
