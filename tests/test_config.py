@@ -59,6 +59,7 @@ def test_password_is_masked(capsys, monkeypatch) -> None:
         (["--batch-linger", "-1"], "batch_linger_s must not be negative"),
         (["--pin-workers"], "give --workers 2 or more with it"),
         (["--ack", "later"], "ack must be one of enqueue, commit, got 'later'"),
+        (["--event-loop", "trio"], "event_loop must be one of uvloop, asyncio, got 'trio'"),
         (["--db", "mysql://u@h/db"], "db_url scheme 'mysql' is not supported"),
         (["--db", "postgresql+asyncpg://u@h/db"], "is not supported"),
         (["--db", "not a url"], "db_url is not a database URL"),

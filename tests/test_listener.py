@@ -1,7 +1,9 @@
 """Every input format and every error status, over real HTTP on loopback."""
 
 import gzip
+import logging
 import socket
+import sys
 
 import pytest
 
@@ -10,8 +12,12 @@ from probes import count_rows, metric
 from waiting import wait_until
 
 
-def test_single_object_array_and_ndjson_are_stored(make_service, make_engine, sqlite_url) -> None:
-    service = make_service()
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_single_object_array_and_ndjson_are_stored(make_service, make_engine, sqlite_url, event_loop, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="ingest.service")
+    service = make_service(event_loop=event_loop)
+    assert service.listener.event_loop == event_loop
+    assert f"consumers, {event_loop} loop)" in caplog.text
     assert post_json(service.url, {"sensor": "a", "v": 1}).counts() == {"accepted": 1}
     reply = post_json(service.url, [{"n": 1}, {"n": 2}])
     assert (reply.status, reply.counts()) == (202, {"accepted": 2})
@@ -120,10 +126,11 @@ _PATHS_CASES = [
 ]
 
 
-def test_the_hot_path_and_the_routers_path_answer_alike(make_service) -> None:
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_the_hot_path_and_the_routers_path_answer_alike(make_service, event_loop) -> None:
     """POST /messages skips aiohttp's router (routes.hot_path) unless the request has Expect;
-    both ways must give the same reply."""
-    service = make_service(max_body_bytes=1000)
+    both ways must give the same reply, on either loop."""
+    service = make_service(max_body_bytes=1000, event_loop=event_loop)
     for body, headers in _PATHS_CASES:
         hot = request(f"{service.url}/messages", "POST", body, headers)
         routed = request(f"{service.url}/messages", "POST", body, {**headers, "Expect": "100-continue"})
@@ -159,3 +166,19 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(make_service) -
             assert chunk, reply
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 202")
+
+
+def test_without_uvloop_serve_says_what_to_do(monkeypatch) -> None:
+    """Where uvloop cannot be imported (it has no Windows build), the default loop is a one-line
+    startup error that names the way out."""
+    from ingest.errors import StartupError
+    from ingest.listener import loop_factory
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # what import finds for a missing package
+    with pytest.raises(StartupError, match="give --event-loop asyncio"):
+        loop_factory("uvloop")
+    loop = loop_factory("asyncio")()
+    try:
+        assert type(loop).__module__.startswith("asyncio")
+    finally:
+        loop.close()

@@ -20,6 +20,7 @@ from ingest.errors import ConfigError
 
 ACK_MODES = ("enqueue", "commit")
 SPOOL_SYNC_MODES = ("full", "normal")
+EVENT_LOOPS = ("uvloop", "asyncio")
 SUPPORTED_DRIVERS = {"sqlite": ("", "pysqlite"), "postgresql": ("psycopg",)}
 
 
@@ -47,6 +48,7 @@ class Settings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     keepalive_timeout_s: float = 15.0
+    event_loop: str = "uvloop"
     rate_limit: float | None = None
     rate_burst: float | None = None
     tls_cert: str | None = None
@@ -87,6 +89,8 @@ class Settings:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.ack not in ACK_MODES:
             raise ConfigError(f"ack must be one of {', '.join(ACK_MODES)}, got {self.ack!r}")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         check_db_url(self.db_url)

@@ -2,6 +2,11 @@
 
 The thread publishes its bound port, or the error that kept it from binding, on `started`, so
 the main thread turns "address in use" into a one-line error instead of a dead thread.
+
+The loop is uvloop's by default (`--event-loop`): with 1-message requests the standard loop's
+own Python code (its selector, handles and transports) was an eighth of the service's work, and
+libuv's loop does that work in C. Measured with callgrind on the whole process: 328,000 → 284,000
+instructions a request; under wrk with `--workers 2`, 6-10 % less CPU a request.
 """
 
 from __future__ import annotations
@@ -17,11 +22,25 @@ from typing import Any, cast
 
 from aiohttp import web
 
+from ingest.errors import StartupError
 from ingest.guard import ConnectionGuard
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def loop_factory(name: str) -> LoopFactory:
+    """The event loop `name` ("uvloop" or "asyncio") makes; StartupError when uvloop is missing
+    (it has no build for Windows), so that serve says so before anything starts."""
+    if name == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError as exc:
+        raise StartupError(f"event loop uvloop: {exc}; install uvloop, or give --event-loop asyncio") from exc
+    return cast(LoopFactory, uvloop.new_event_loop)
 
 
 class ListenerThread(threading.Thread):
@@ -29,7 +48,7 @@ class ListenerThread(threading.Thread):
         self, app: web.Application, host: str, port: int, shutdown_timeout_s: float, *,
         guard: ConnectionGuard, keepalive_timeout_s: float = 15.0, ssl_context: ssl.SSLContext | None = None,
         reuse_port: bool = False, private_metrics: tuple[str, Callable[[], bytes]] | None = None,
-        hot_path: Callable[[Handler], Handler] | None = None,
+        hot_path: Callable[[Handler], Handler] | None = None, new_loop: LoopFactory = asyncio.new_event_loop,
     ) -> None:
         # Non-daemon: its handlers may still be answering clients whose messages are committing.
         super().__init__(name="listener", daemon=False)
@@ -43,6 +62,7 @@ class ListenerThread(threading.Thread):
         self._reuse_port = reuse_port  # --workers: every worker process binds the same port
         self._private_metrics = private_metrics  # (unix socket path, exposition) for the other workers
         self._hot_path = hot_path  # routes.hot_path: wraps the application's request handler
+        self._new_loop = new_loop
         self.started: Future[int] = Future()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -50,8 +70,14 @@ class ListenerThread(threading.Thread):
     def __repr__(self) -> str:
         return f"ListenerThread({self._host}:{self._port}, alive={self.is_alive()})"
 
+    @property
+    def event_loop(self) -> str | None:
+        """The package of the loop it runs on ("uvloop" or "asyncio"); None before it starts."""
+        return None if self._loop is None else type(self._loop).__module__.partition(".")[0]
+
     def run(self) -> None:
-        asyncio.run(self._serve())
+        with asyncio.Runner(loop_factory=self._new_loop) as runner:
+            runner.run(self._serve())
 
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -31,7 +31,7 @@ from ingest.consumers import ConsumerThread
 from ingest.errors import SpoolError, StartupError
 from ingest.guard import ConnectionGuard
 from ingest.identity import Generator
-from ingest.listener import ListenerThread
+from ingest.listener import ListenerThread, loop_factory
 from ingest.messages import Message, settle_failed, settle_failed_acks
 from ingest.metrics import Metrics
 from ingest.pace import Throughput
@@ -124,7 +124,7 @@ class Service:
             make_app(route_config), settings.host, settings.port, hot_path=hot_path(route_config),
             shutdown_timeout_s=settings.drain_timeout_s, guard=self.guard,
             keepalive_timeout_s=settings.keepalive_timeout_s, ssl_context=ssl_context,
-            reuse_port=worker is not None,
+            reuse_port=worker is not None, new_loop=loop_factory(settings.event_loop),
             private_metrics=(worker.socket, self._exposition) if worker is not None else None,
         )
         self.scheme = "https" if ssl_context is not None else "http"
@@ -255,7 +255,8 @@ class Service:
         self._ready.set()
         if self.unprotected_warning is not None:
             log.warning("%s", self.unprotected_warning)
-        log.info("ingest ready on %s (%s, %d consumers)", self.url, self.pool.dialect, self.settings.consumers)
+        log.info("ingest ready on %s (%s, %d consumers, %s loop)", self.url, self.pool.dialect,
+                 self.settings.consumers, self.listener.event_loop)
 
     def _open_spool(self) -> None:
         if self.spool is None:
