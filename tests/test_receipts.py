@@ -328,3 +328,56 @@ def test_receipt_rows_keep_every_id_count_and_moment(db_url, make_engine) -> Non
         assert (row.accepted, row.stored, row.dead_lettered) == (i + 2, i + 1, 1 if i == 0 else 0)
         stored_at = row.received_at if row.received_at.tzinfo else row.received_at.replace(tzinfo=UTC)
         assert stored_at == datetime.fromtimestamp(receipt.received_at, UTC)
+
+
+def test_whole_fresh_requests_skip_the_upsert_and_one_there_already_takes_the_careful_way(db_url, make_engine) -> None:
+    """On the store's fast path, Postgres gets the receipts of whole requests whose ids this
+    process made by COPY (receipt_rows.py); the others go through the upsert. Should such a row
+    be there already (the same batch written twice, as after an uncertain commit), the batch
+    takes the careful way: nothing dead-lettered, every receipt counted."""
+    import threading
+
+    from sqlalchemy import event, select
+
+    from ingest import migrate
+    from ingest.messages import Message
+    from ingest.metrics import Metrics
+    from ingest.pool import ConnectionPool
+    from ingest.receipts import Ledger
+    from ingest.store import Store
+    from ingest.tables import dead_letters, requests
+
+    engine = make_engine(db_url)
+    migrate.upgrade(engine)
+    ledger, moment = Ledger(), 1764243000.5
+    fresh = [ledger.open(None, 1, moment) for _ in range(3)]
+    split = ledger.open(None, 3, moment)  # two of its three messages in this batch
+    client = ledger.open("client-made-1", 1, moment)
+    assert [r.fresh for r in (*fresh, split, client)] == [True, True, True, True, False]
+    batch = [Message("{}", moment, ident=None, known=False, receipt=r) for r in (*fresh, split, split, client)]
+    upserted: list[set[str]] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        if statement.startswith("INSERT INTO requests"):
+            if isinstance(parameters, tuple):  # Postgres: the ids as one array literal
+                upserted.append(set(parameters[0].strip("{}").replace('"', "").split(",")))
+            else:  # SQLite: one row a tuple
+                upserted.append({row[0] for row in parameters})
+
+    pool = ConnectionPool(db_url, size=1)
+    event.listen(pool.engine, "before_cursor_execute", seen)
+    try:
+        store = Store(pool, Metrics(["consumer-1"]), threading.Event())
+        first = store.write(batch)
+        second = store.write(batch)
+    finally:
+        pool.dispose()
+    everyone = {r.id for r in (*fresh, split, client)}
+    postgres = db_url.startswith("postgresql")
+    assert upserted[0] == ({split.id, client.id} if postgres else everyone)
+    assert upserted[-1] == everyone  # the second time, the careful way (or SQLite's only way)
+    assert len(first.stored) == len(second.stored) == 6 and not first.dead and not second.dead
+    with engine.connect() as conn:
+        rows = {row.id: (row.accepted, row.stored) for row in conn.execute(select(requests))}
+        assert conn.execute(select(dead_letters)).first() is None
+    assert rows == {**{r.id: (1, 2) for r in fresh}, split.id: (3, 4), client.id: (1, 2)}

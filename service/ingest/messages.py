@@ -81,14 +81,17 @@ class Receipt:
 
     Shared by the request's messages; consumers add to it under the ledger's lock. The database
     keeps the same counts in `requests`, written in the transactions that store the messages.
+    `fresh`: its id was made by this process, so no row of it is in the database until this
+    process writes one (receipt_rows.py may then insert instead of upsert).
     """
 
-    __slots__ = ("accepted", "dead", "id", "received_at", "stored")
+    __slots__ = ("accepted", "dead", "fresh", "id", "received_at", "stored")
 
-    def __init__(self, request_id: str, accepted: int, received_at: float) -> None:
+    def __init__(self, request_id: str, accepted: int, received_at: float, *, fresh: bool = False) -> None:
         self.id = request_id
         self.accepted = accepted
         self.received_at = received_at
+        self.fresh = fresh
         self.stored = 0  # in the database, written by this request or (duplicates) an earlier one
         self.dead = 0
 

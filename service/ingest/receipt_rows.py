@@ -4,6 +4,13 @@ A batch's receipt rows go in the transaction that stores its messages (or dead-l
 the counts can never run ahead of or behind what is committed. One upsert a batch, whatever its
 number of requests: Postgres takes the rows as arrays through `unnest`, SQLite an executemany.
 Rows are sorted by id, so two consumers updating the same requests lock them in the same order.
+
+On the store's fast path (`fresh`), Postgres gets a COPY instead for each request whose id this
+process made and whose messages are all in the batch: no row of it can exist yet, and a COPY row
+cost the database 5.2 µs where the upsert's cost 9-10 µs (backend CPU, batches of 500, measured
+here). Should one exist after all (a batch written again after an uncertain commit), the COPY
+fails on the key, the transaction rolls back, and the store writes the batch the careful way,
+whose receipts are upserted.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.engine import Connection, Engine
@@ -34,21 +42,31 @@ _UPSERT_POSTGRES = (
     "%s::text[], %s::int[], %s::int[], %s::int[], %s::float8[]) AS r(id, accepted, stored, dead, received) "
     + _UPDATE.format(greatest="GREATEST")
 )
+_COPY_POSTGRES = f"COPY {_TABLE} (id, accepted, stored, dead_lettered, received_at) FROM STDIN"
 _UPSERT_SQLITE = (
     f"INSERT INTO {_TABLE} (id, accepted, stored, dead_lettered, received_at) VALUES (?, ?, ?, ?, ?) "
     + _UPDATE.format(greatest="max")
 )
 
 
-def write(conn: Connection, messages: Iterable[Message], *, dead: bool = False) -> None:
-    """Add these messages to their requests' rows as stored (or, `dead`, dead-lettered)."""
+def write(conn: Connection, messages: Iterable[Message], *, dead: bool = False, fresh: bool = False) -> None:
+    """Add these messages to their requests' rows as stored (or, `dead`, dead-lettered).
+    `fresh`: the store's fast path, where whole requests of ids made here may be inserted."""
     counts = Counter(m.receipt for m in messages if m.receipt is not None)
     if not counts:
         return
     receipts: list[tuple[Receipt, int]] = sorted(counts.items(), key=lambda item: item[0].id)
+    postgres = conn.dialect.name == "postgresql"
+    if postgres and fresh and not dead:
+        whole = [r for r, n in receipts if r.fresh and n == r.accepted]
+        if whole:
+            _copy_whole(conn, whole)
+            if len(whole) == len(receipts):
+                return
+            receipts = [(r, n) for r, n in receipts if not (r.fresh and n == r.accepted)]
     stored = [0 if dead else n for _, n in receipts]
     dead_counts = [n if dead else 0 for _, n in receipts]
-    if conn.dialect.name == "postgresql":
+    if postgres:
         conn.exec_driver_sql(_UPSERT_POSTGRES, (
             _text_array([r.id for r, _ in receipts]), _number_array([r.accepted for r, _ in receipts]),
             _number_array(stored), _number_array(dead_counts), _number_array([r.received_at for r, _ in receipts]),
@@ -59,6 +77,18 @@ def write(conn: Connection, messages: Iterable[Message], *, dead: bool = False) 
         (r.id, r.accepted, s, d, stamp)
         for (r, _), s, d, stamp in zip(receipts, stored, dead_counts, received, strict=True)
     ])
+
+
+def _copy_whole(conn: Connection, receipts: list[Receipt]) -> None:
+    """Postgres: rows of whole, fresh requests (all stored), by COPY. Ids made here need no
+    escaping in COPY's text format (hex and a dash)."""
+    received = stamps([r.received_at for r in receipts], sqlite=False)
+    data = "".join(
+        f"{r.id}\t{r.accepted}\t{r.accepted}\t0\t{stamp}\n" for r, stamp in zip(receipts, received, strict=True)
+    )
+    raw: Any = conn.connection.driver_connection
+    with raw.cursor() as cursor, cursor.copy(_COPY_POSTGRES) as copy:
+        copy.write(data)
 
 
 # Array literals written here, not by psycopg's list dumper: it checks every element with a

@@ -72,21 +72,19 @@ class Ledger:
     def __len__(self) -> int:
         return len(self._open)
 
-    def request_id(self, sent: str | None) -> str:
-        """The client's id if it is of sane form, else a new one (unique without coordination)."""
-        if sent is not None and _SANE_ID.fullmatch(sent):
-            return sent
-        return f"{self._prefix}{next(self._counter):x}"
-
-    def open(self, request_id: str, accepted: int, received_at: float) -> Receipt:
-        """A receipt for a request about to be enqueued; withdraw() it if that fails.
+    def open(self, sent: str | None, accepted: int, received_at: float) -> Receipt:
+        """A receipt for a request about to be enqueued, under the client's id if it sent one of
+        sane form, else a new one (unique without coordination); withdraw() it if that fails.
 
         An id already in flight (a client reusing its ids) is answered for by the newest request
         here; in the database the counts of all requests sent under one id add up.
         """
-        receipt = Receipt(request_id, accepted, received_at)
+        if sent is not None and _SANE_ID.fullmatch(sent):
+            receipt = Receipt(sent, accepted, received_at)
+        else:
+            receipt = Receipt(f"{self._prefix}{next(self._counter):x}", accepted, received_at, fresh=True)
         with self._lock:
-            self._open[request_id] = receipt
+            self._open[receipt.id] = receipt
         return receipt
 
     def withdraw(self, receipt: Receipt) -> None:

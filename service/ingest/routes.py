@@ -224,8 +224,8 @@ async def post_messages(config: RouteConfig, request: web.Request) -> web.Respon
     idents, known = _identities(config, request, texts)
     ack = Ack(len(texts)) if ack_mode == "commit" else None
     received_at = time.time()
-    request_id = config.ledger.request_id(request.headers.get(REQUEST_ID_HEADER))
-    receipt = config.ledger.open(request_id, len(texts), received_at)
+    receipt = config.ledger.open(request.headers.get(REQUEST_ID_HEADER), len(texts), received_at)
+    request_id = receipt.id
     batch = [
         Message(text, received_at, ack, ident=ident, known=known, receipt=receipt)
         for text, ident in zip(texts, idents, strict=True)

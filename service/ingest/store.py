@@ -102,7 +102,7 @@ class Store:
         self._hard_stop = hard_stop
         self._backoff = backoff or Backoff()
         postgres = pool.dialect == "postgresql"
-        self._insert_new = _with_receipts(_copy_messages if postgres else _insert_messages)
+        self._insert_new = _with_receipts(_copy_messages if postgres else _insert_messages, fresh=True)
         self._insert_skipping = _with_receipts(_copy_skipping_known if postgres else _insert_skipping_known)
         self.reachable = True  # last word from the database; read by /readyz
 
@@ -212,12 +212,14 @@ class Store:
         log.error("message dead-lettered: %s", error)
 
 
-def _with_receipts(insert_fn: Insert) -> Insert:
-    """The insert, then its requests' receipts, in the same transaction."""
+def _with_receipts(insert_fn: Insert, *, fresh: bool = False) -> Insert:
+    """The insert, then its requests' receipts, in the same transaction. `fresh`: the fast path,
+    whose failure on a key (a receipt row there after all) sends the batch the careful way."""
 
     def insert_and_count(conn: Connection, batch: list[Message]) -> set[str | None] | None:
         inserted = insert_fn(conn, batch)
-        receipt_rows.write(conn, batch)  # stored or a duplicate, each message is in the database now
+        # Stored or a duplicate, each message is in the database now.
+        receipt_rows.write(conn, batch, fresh=fresh)
         return inserted
 
     return insert_and_count
