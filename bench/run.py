@@ -165,10 +165,11 @@ def wrk_messages(url: str, seconds: int, concurrency: int, batch: int = 1, token
     return int(re.search(r"acked (\d+)", done.stdout).group(1))  # type: ignore[union-attr]
 
 
-def bare_aiohttp(seconds: int, concurrency: int) -> float:
+def bare_aiohttp(seconds: int, concurrency: int, *, uvloop: bool = False) -> float:
     """Requests/s a bare aiohttp handler (bench/bare.py) answers with 202, same client and load."""
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare.py"))],
-                            stdout=subprocess.PIPE, text=True)
+    script = str(Path(__file__).with_name("bare.py"))
+    flags = ["--uvloop"] if uvloop else []
+    proc = subprocess.Popen([sys.executable, script, *flags], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
@@ -319,21 +320,29 @@ def report(label: str, url: str, count: Callable[[], int], raw: float, args: arg
         for batch, total, name in ((100, args.messages, "NDJSON x100"), (1, args.single, "1 msg/request")):
             for mode in args.modes:
                 paired = batch == 1 and shutil.which("wrk") is not None
-                rates, ratios = [], []
+                rates, ratios, ratios_uv = [], [], []
                 for _ in range(args.rounds if paired else 1):
                     bare = bare_aiohttp(wrk_seconds(total, 1), args.concurrency) if paired else None
+                    bare_uv = (bare_aiohttp(wrk_seconds(total, 1), args.concurrency, uvloop=True)
+                               if paired and args.bare_uvloop else None)
                     rate, rss = end_to_end(url, count, total, batch, args.concurrency, mode_flags(mode, tmp))
                     rates.append(rate)
                     versus = ""
                     if bare is not None:
                         ratios.append(rate / bare)
                         versus = f"; bare aiohttp just before {bare:,.0f} req/s: / bare = {rate / bare:.2f}"
+                    if bare_uv is not None:
+                        ratios_uv.append(rate / bare_uv)
+                        versus += f"; on uvloop {bare_uv:,.0f} req/s: / bare on uvloop = {rate / bare_uv:.2f}"
                     print(f"{label} {mode:12} {name}: {rate:,.0f} msgs/s end to end; ingest / raw = "
                           f"{rate / raw:.3f}{versus}; peak RSS {rss:.0f} MiB")
                 rate = statistics.median(rates)
                 if mode == "memory":
                     memory[batch] = rate
                 summary = [f"/ memory = {rate / memory[batch]:.2f}"] if batch in memory and mode != "memory" else []
+                if ratios_uv:
+                    summary.insert(0, f"/ bare on uvloop = {statistics.median(ratios_uv):.2f} (median of "
+                                      f"{len(ratios_uv)}: " + ", ".join(f"{r:.2f}" for r in ratios_uv) + ")")
                 if ratios:
                     summary.insert(0, f"/ bare aiohttp = {statistics.median(ratios):.2f} (median of {len(ratios)}: "
                                       + ", ".join(f"{r:.2f}" for r in ratios) + ")")
@@ -348,6 +357,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3,
                         help="1-message runs, each paired with a bare aiohttp run just before it (with wrk)")
+    parser.add_argument("--bare-uvloop", action="store_true",
+                        help="also run the bare handler on uvloop (ingest's default loop) in each round, "
+                             "and print the ratio to it")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test",
                         help="an admin URL; the benchmark creates and drops its own database")
     parser.add_argument("--only", choices=["postgres", "sqlite"])
@@ -362,7 +374,8 @@ def main() -> None:
           f"concurrency {args.concurrency}; ingest serve with its defaults and 4 consumers")
     if shutil.which("wrk"):
         print("bare aiohttp: bench/bare.py (reads the body, answers 202, nothing else), same wrk load, "
-              f"run before each 1-message run ({args.rounds} rounds)")
+              f"run before each 1-message run ({args.rounds} rounds)"
+              + ("; and the same on uvloop (--bare-uvloop)" if args.bare_uvloop else ""))
     if args.only != "sqlite":
         postgres_case(args.postgres, args, rows)
     if args.only != "postgres":
