@@ -100,3 +100,42 @@ def test_counted_histogram_matches_prometheus_semantics() -> None:
         assert ours_registry.get_sample_value(*sample) == reference_registry.get_sample_value(*sample), le
     for name in ("h_seconds_count", "h_seconds_sum"):
         assert ours_registry.get_sample_value(name) == reference_registry.get_sample_value(name)
+
+
+def test_listener_counter_exposes_what_a_labelled_counter_does() -> None:
+    """ListenerCounter stands in for prometheus_client's Counter on the listener's hot path:
+    the same samples (totals and _created) by label value, zeroes for values added first, values
+    counted without being added, and a scrape from another thread while the loop counts."""
+    import threading
+
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    from ingest.metrics import ListenerCounter
+
+    ours_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
+    ours = ListenerCounter("x_requests", "x", "code", ours_registry)
+    reference = Counter("x_requests", "x", ["code"], registry=reference_registry)
+    for code in (200, 503):
+        ours.add(code)
+        reference.labels(str(code))
+    ours.add(200)  # twice: still one series, still counting from 0
+    for code, amount in [(200, 3), (418, 1), (200, 2)]:
+        ours.inc(code, amount)
+        reference.labels(str(code)).inc(amount)
+
+    def samples(registry: CollectorRegistry) -> set[tuple[str, str, float | None]]:
+        return {
+            (s.name, s.labels["code"], s.value if s.name.endswith("_total") else None)
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for s in family.samples
+        }
+
+    assert samples(ours_registry) == samples(reference_registry)
+    assert ("x_requests_total", "200", 5.0) in samples(ours_registry)
+
+    counting = threading.Thread(target=lambda: [ours.inc(n % 700) for n in range(200_000)], name="loop")
+    counting.start()
+    while counting.is_alive():  # new label values appear while /metrics reads
+        generate_latest(ours_registry)
+    counting.join()
+    assert sum(s.value for s in ours_registry.collect().__next__().samples if s.name.endswith("_total")) == 200_006

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -30,8 +31,8 @@ class Metrics:
         r = self.registry
         self.queue_depth = Gauge("ingest_queue_depth", "Messages waiting in the buffer", registry=r)
         self.queue_capacity = Gauge("ingest_queue_capacity", "Buffer capacity in messages", registry=r)
-        self.received = Counter(
-            "ingest_messages_received", "Messages accepted into the buffer, by client", ["client"], registry=r
+        self.received = ListenerCounter(
+            "ingest_messages_received", "Messages accepted into the buffer, by client", "client", registry=r
         )
         self.stored = Counter("ingest_messages_stored", "Messages committed to the database", registry=r)
         self.spool_messages = Gauge("ingest_spool_messages", "Messages in the spool, not yet stored", registry=r)
@@ -91,7 +92,9 @@ class Metrics:
         self.lost = Counter(
             "ingest_messages_lost", "Accepted messages not stored when the drain deadline passed", registry=r
         )
-        self.http_requests = Counter("ingest_http_requests", "HTTP responses by status code", ["code"], registry=r)
+        self.http_requests = ListenerCounter(
+            "ingest_http_requests", "HTTP responses by status code", "code", registry=r
+        )
         self.http_connections = Gauge("ingest_http_connections", "Client connections open", registry=r)
         self.connections_refused = Counter(
             "ingest_http_connections_closed", "Connections the guard closed: too_many, header_timeout",
@@ -100,32 +103,63 @@ class Metrics:
         for reason in ("too_many", "header_timeout"):
             self.connections_refused.labels(reason)
         # Pre-create label values so dashboards show 0, not "no data".
-        self._received_by_client: dict[str, Counter] = {}
         self.add_clients([ANONYMOUS])
-        # labels() takes a lock and builds a key each call; the listener counts every response,
-        # so it keeps the children. Touched by the listener's loop only.
-        self._responses_by_code = {int(code): self.http_requests.labels(code) for code in HTTP_CODES}
+        for code in HTTP_CODES:
+            self.http_requests.add(int(code))
         for name in [*THREADS, *consumer_names]:
             self.thread_errors.labels(name)
 
     def add_clients(self, names: list[str]) -> None:
         """Label values for these clients (bounded: the names in the token file, plus `unknown`)."""
         for name in names:
-            self._received_by_client.setdefault(name, self.received.labels(name))
+            self.received.add(name)
             for reason in REJECT_REASONS:
                 self.rejected.labels(reason, name)
 
     def count_received(self, client: str, count: int) -> None:
-        child = self._received_by_client.get(client)
-        if child is None:  # a client added by a reload, between add_clients and here
-            child = self._received_by_client[client] = self.received.labels(client)
-        child.inc(count)
+        self.received.inc(client, count)
 
     def count_response(self, status: int) -> None:
-        child = self._responses_by_code.get(status)
-        if child is None:
-            child = self._responses_by_code[status] = self.http_requests.labels(str(status))
-        child.inc()
+        self.http_requests.inc(status)
+
+
+class ListenerCounter(Collector):
+    """A counter by one label that only the listener's loop thread counts, twice a request.
+
+    A prometheus_client child's inc() takes a lock and three calls: about 1 µs each (1.0-1.05,
+    measured in a loop on the benchmark's machine), where this one takes 0.2-0.3 µs.
+    One writer needs no lock: /metrics copies the dict (one C call, under the GIL) and reads
+    the copy. Label values are anything with str() (codes as ints: none formatted a request).
+    """
+
+    def __init__(self, name: str, documentation: str, label: str, registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._label = label
+        self._counts: dict[object, float] = {}
+        self._created: dict[object, float] = {}
+        registry.register(self)
+
+    def add(self, value: object) -> None:
+        """Show this label value at 0 before anything is counted (idempotent; any thread)."""
+        self._created.setdefault(value, time.time())
+        self._counts.setdefault(value, 0)
+
+    def inc(self, value: object, amount: float = 1) -> None:
+        counts = self._counts
+        if value not in counts:  # a value not added beforehand: a new client, an odd status
+            self.add(value)
+        counts[value] += amount
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        counts, created = dict(self._counts), dict(self._created)
+        family = CounterMetricFamily(self._name, self._documentation, labels=[self._label])
+        for value, count in counts.items():
+            family.add_metric([str(value)], count, created=created.get(value))
+        yield family
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._documentation, labels=[self._label])
 
 
 class CountedHistogram(Collector):
