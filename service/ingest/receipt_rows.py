@@ -58,12 +58,18 @@ def write(conn: Connection, messages: Iterable[Message], *, dead: bool = False, 
     receipts: list[tuple[Receipt, int]] = sorted(counts.items(), key=lambda item: item[0].id)
     postgres = conn.dialect.name == "postgresql"
     if postgres and fresh and not dead:
-        whole = [r for r, n in receipts if r.fresh and n == r.accepted]
+        whole: list[Receipt] = []
+        rest: list[tuple[Receipt, int]] = []
+        for receipt, n in receipts:
+            if receipt.fresh and n == receipt.accepted:
+                whole.append(receipt)
+            else:
+                rest.append((receipt, n))
         if whole:
             _copy_whole(conn, whole)
-            if len(whole) == len(receipts):
-                return
-            receipts = [(r, n) for r, n in receipts if not (r.fresh and n == r.accepted)]
+        if not rest:
+            return
+        receipts = rest
     stored = [0 if dead else n for _, n in receipts]
     dead_counts = [n if dead else 0 for _, n in receipts]
     if postgres:
