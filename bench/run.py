@@ -320,32 +320,32 @@ def report(label: str, url: str, count: Callable[[], int], raw: float, args: arg
         for batch, total, name in ((100, args.messages, "NDJSON x100"), (1, args.single, "1 msg/request")):
             for mode in args.modes:
                 paired = batch == 1 and shutil.which("wrk") is not None
-                rates, ratios, ratios_uv = [], [], []
+                rates: list[float] = []
+                ratios: dict[str, list[float]] = {}  # baseline -> ingest / it, a round each
                 for _ in range(args.rounds if paired else 1):
-                    bare = bare_aiohttp(wrk_seconds(total, 1), args.concurrency) if paired else None
-                    bare_uv = (bare_aiohttp(wrk_seconds(total, 1), args.concurrency, uvloop=True)
-                               if paired and args.bare_uvloop else None)
+                    bares = {}
+                    if paired:
+                        bares["bare aiohttp"] = bare_aiohttp(wrk_seconds(total, 1), args.concurrency)
+                        if args.bare_uvloop:
+                            bares["bare on uvloop"] = bare_aiohttp(wrk_seconds(total, 1), args.concurrency, uvloop=True)
                     rate, rss = end_to_end(url, count, total, batch, args.concurrency, mode_flags(mode, tmp))
                     rates.append(rate)
                     versus = ""
-                    if bare is not None:
-                        ratios.append(rate / bare)
-                        versus = f"; bare aiohttp just before {bare:,.0f} req/s: / bare = {rate / bare:.2f}"
-                    if bare_uv is not None:
-                        ratios_uv.append(rate / bare_uv)
-                        versus += f"; on uvloop {bare_uv:,.0f} req/s: / bare on uvloop = {rate / bare_uv:.2f}"
+                    for baseline, bare in bares.items():
+                        ratios.setdefault(baseline, []).append(rate / bare)
+                        versus += f"; {baseline} just before {bare:,.0f} req/s: / {baseline} = {rate / bare:.2f}"
                     print(f"{label} {mode:12} {name}: {rate:,.0f} msgs/s end to end; ingest / raw = "
                           f"{rate / raw:.3f}{versus}; peak RSS {rss:.0f} MiB")
                 rate = statistics.median(rates)
                 if mode == "memory":
                     memory[batch] = rate
-                summary = [f"/ memory = {rate / memory[batch]:.2f}"] if batch in memory and mode != "memory" else []
-                if ratios_uv:
-                    summary.insert(0, f"/ bare on uvloop = {statistics.median(ratios_uv):.2f} (median of "
-                                      f"{len(ratios_uv)}: " + ", ".join(f"{r:.2f}" for r in ratios_uv) + ")")
-                if ratios:
-                    summary.insert(0, f"/ bare aiohttp = {statistics.median(ratios):.2f} (median of {len(ratios)}: "
-                                      + ", ".join(f"{r:.2f}" for r in ratios) + ")")
+                summary = [
+                    f"/ {baseline} = {statistics.median(each):.2f} (median of {len(each)}: "
+                    + ", ".join(f"{r:.2f}" for r in each) + ")"
+                    for baseline, each in ratios.items()
+                ]
+                if batch in memory and mode != "memory":
+                    summary.append(f"/ memory = {rate / memory[batch]:.2f}")
                 if summary:
                     print(f"{label} {mode:12} {name}: " + "; ".join(summary))
 
