@@ -15,6 +15,8 @@ class TcpProxy:
         self._sockets: list[socket.socket] = []
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
+        self._flowing = threading.Event()  # cleared by freeze(): bytes are held, connections stay open
+        self._flowing.set()
         self.port = 0
         self.restore(held=held)
 
@@ -45,8 +47,18 @@ class TcpProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
 
+    def freeze(self) -> None:
+        """Stop relaying bytes both ways but keep every connection open, and accept new ones that
+        hear nothing: a paused server or a network that drops packets (no refusal, no reset)."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        """Relay again, held bytes first."""
+        self._flowing.set()
+
     def close(self) -> None:
         self.cut()
+        self._flowing.set()  # a pump holding bytes now finds its sockets closed and ends
         for thread in self._threads:
             thread.join(10)
 
@@ -71,10 +83,10 @@ class TcpProxy:
             self._spawn(self._pump, client, upstream)
             self._spawn(self._pump, upstream, client)
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                self._flowing.wait()  # frozen: hold what came in, pass nothing on
                 sink.sendall(data)
         except OSError:
             pass

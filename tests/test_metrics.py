@@ -20,6 +20,7 @@ CONTRACT = {
     "ingest_consumers_alive": "gauge",
     "ingest_thread_errors": "counter",
     "ingest_db_retries": "counter",
+    "ingest_db_calls_cut": "counter",
     "ingest_messages_dead_lettered": "counter",
     "ingest_http_requests": "counter",
 }
@@ -53,6 +54,7 @@ def test_contract_metrics_exist_with_zeroes_before_traffic(make_service) -> None
         assert value(samples, "ingest_messages_rejected_total", reason=reason, client="anonymous") == 0
     assert value(samples, "ingest_thread_errors_total", thread="consumer-3") == 0
     assert value(samples, "ingest_http_requests_total", code="503") == 0
+    assert value(samples, "ingest_db_calls_cut_total") == 0
 
 
 def test_counters_and_histograms_move_with_traffic(make_service) -> None:

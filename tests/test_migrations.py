@@ -48,4 +48,4 @@ def test_serve_without_migrations_on_empty_database_says_what_to_do(sqlite_url) 
 def test_serve_without_migrations_on_a_migrated_database_starts(sqlite_url, make_service) -> None:
     assert subprocess.run([sys.executable, "-m", "ingest", "db", "upgrade", "--db", sqlite_url]).returncode == 0
     service = make_service(migrate=False)
-    assert service.ready()
+    assert service.health.ready()

@@ -90,7 +90,7 @@ def test_every_status_documented_for_the_other_routes_is_produced(make_service, 
     for path in seen:
         get(path, {"Authorization": f"Bearer {token}"})
     get("/metrics")  # 401 without the token
-    service.store.reachable = False  # what the probe sets when the database stops answering
+    service.store.database_error = "OperationalError: gone"  # what the probe sets when the database stops answering
     get("/readyz")
     monkeypatch.setattr(service.supervisor, "check", lambda: None)  # leave the dead consumer dead
 
@@ -99,7 +99,7 @@ def test_every_status_documented_for_the_other_routes_is_produced(make_service, 
 
     monkeypatch.setattr(service.store, "write", die)
     assert request(f"{service.url}/messages", "POST", b'{"a": 1}', {"Content-Type": "application/json"}).status == 202
-    wait_until(lambda: not service.healthy(), 10, "the consumer dead")
+    wait_until(lambda: not service.health.healthy(), 10, "the consumer dead")
     get("/healthz")
     for path, statuses in seen.items():
         documented = {int(code) for code in DOC["paths"][path]["get"]["responses"]}

@@ -61,3 +61,55 @@ def test_sqlite_runs_in_wal_mode(sqlite_url) -> None:
     with pool.connection() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
     pool.dispose()
+
+
+def test_postgres_connections_carry_keepalives_and_the_statement_timeout(postgres_url) -> None:
+    from sqlalchemy import text
+
+    pool = ConnectionPool(postgres_url, size=1, statement_timeout_s=2.5)
+    with pool.connection() as conn:
+        assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "2500ms"
+        params = conn.connection.driver_connection.info.get_parameters()
+    assert (params["keepalives"], params["keepalives_idle"], params["tcp_user_timeout"]) == ("1", "10", "30000")
+    pool.dispose()
+
+
+def test_a_call_the_database_never_answers_is_cut_once_overdue_and_the_next_gets_a_fresh_connection(
+    postgres_url,
+) -> None:
+    """A frozen link: the server neither answers nor refuses. Only the client-side cut ends the call."""
+    from urllib.parse import urlsplit
+
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    from tcpproxy import TcpProxy
+
+    dsn = urlsplit(postgres_url)
+    proxy = TcpProxy(dsn.hostname or "127.0.0.1", dsn.port or 5432)
+    via = postgres_url.replace(f"@{dsn.hostname}:{dsn.port}/", f"@127.0.0.1:{proxy.port}/", 1)
+    pool = ConnectionPool(via, size=1, statement_timeout_s=0.5)
+    try:
+        pool.ping()  # a pooled connection, open before the link freezes
+        proxy.freeze()
+        errors: list[BaseException] = []
+
+        def ping() -> None:
+            with pytest.raises(OperationalError) as caught:
+                pool.ping()
+            errors.append(caught.value)
+
+        caller = threading.Thread(target=ping, name="held-caller")
+        caller.start()
+        wait_until(lambda: pool.in_use == 1, what="the call held in the frozen database")
+        assert pool.cut_overdue() == 0  # not overdue yet: 0.5 s + the 1 s grace
+        wait_until(lambda: pool.cut_overdue() == 1, timeout_s=10, what="the overdue call cut")
+        caller.join(10)
+        assert not caller.is_alive() and len(errors) == 1
+        assert pool.in_use == 0
+        assert pool.interrupt() == 0  # nothing held any more, nothing cut twice
+        proxy.thaw()
+        pool.ping()  # the cut connection was invalidated: this one is fresh, and answers
+    finally:
+        pool.dispose()
+        proxy.close()

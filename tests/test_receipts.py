@@ -238,7 +238,7 @@ def test_a_dead_letter_replayed_moves_the_receipt_and_the_waiting_gauge(
     dead-lettered to stored, and the gauge of letters waiting from 1 to 0."""
     from sqlalchemy import text
 
-    from ingest import service as service_module
+    from ingest import chores as chores_module
     from ingest.cli import run
 
     def replay_all() -> int:
@@ -247,7 +247,7 @@ def test_a_dead_letter_replayed_moves_the_receipt_and_the_waiting_gauge(
         except SystemExit as exc:
             return int(exc.code or 0)
 
-    monkeypatch.setattr(service_module, "DEAD_LETTER_COUNT_INTERVAL_S", 0.2)
+    monkeypatch.setattr(chores_module, "DEAD_LETTER_COUNT_INTERVAL_S", 0.2)
     service = make_service(db_url=postgres_url, consumers=1)
     engine = make_engine(postgres_url)
     with engine.begin() as conn:

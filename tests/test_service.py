@@ -156,7 +156,7 @@ def test_while_draining_new_requests_get_503_and_readyz_is_false(make_service, m
     wait_until(lambda: metric(service, "ingest_db_retries_total") >= 1, what="the held write retrying")
     service.shutdown.stopping.set()  # what SIGTERM does; the main loop starts the drain
     reply = request(f"{service.url}/readyz")
-    assert (reply.status, reply.json()) == (503, {"ready": False})
+    assert (reply.status, reply.json()) == (503, {"ready": False, "reason": "stopping"})
     reply = post_json(service.url, {"late": 1})
     assert reply.status == 503 and reply.headers["retry-after"] == "1"
     assert reply.json()["error"] == "service is shutting down"

@@ -45,9 +45,9 @@ def test_a_listener_that_ends_stops_the_service_with_exit_code_4(sqlite_url) -> 
 
     service = Service(Settings.from_mapping({"port": 0, "db_url": sqlite_url, "consumers": 1}))
     service.start()
-    assert service.healthy()
+    assert service.health.healthy()
     service.listener.stop()  # its loop ends, as it would after a crash
     service.listener.join(10)
-    assert not service.healthy()
+    assert not service.health.healthy()
     assert service.run() == EXIT_LISTENER_DIED  # the main loop notices, drains and stops
     assert not any(c.is_alive() for c in service.supervisor.consumers())

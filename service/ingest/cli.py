@@ -75,6 +75,10 @@ SETTINGS_OPTIONS: list[Decorator] = [
             help="Database connections (a BoundedSemaphore)."),
     _option("--drain-timeout", "drain_timeout_s", envvar="INGEST_DRAIN_TIMEOUT", type=float,
             default=_DEFAULTS.drain_timeout_s, help="Seconds shutdown may spend draining the buffer."),
+    _option("--statement-timeout", "statement_timeout_s", envvar="INGEST_STATEMENT_TIMEOUT", type=float,
+            default=_DEFAULTS.statement_timeout_s,
+            help="Seconds a database call (a batch's write) may take; past it (plus 1 s) with no answer, "
+                 "its connection is cut and the write retried on a fresh one."),
     _option("--ack", "ack", envvar="INGEST_ACK", default=_DEFAULTS.ack,
             help="Default acknowledgement: enqueue (202) or commit (201 after the commit)."),
     _option("--max-body-bytes", "max_body_bytes", envvar="INGEST_MAX_BODY_BYTES", type=int,
@@ -145,6 +149,7 @@ def main() -> None:
 def serve(**values: Any) -> None:
     """Run the service until SIGINT/SIGTERM, then drain and exit."""
     from ingest.service import Service
+    from ingest.shutdown import exit_process
 
     settings = Settings.from_mapping(values)
     logging.basicConfig(
@@ -160,7 +165,7 @@ def serve(**values: Any) -> None:
     # and as PID 1 without a handler it would be. The drain then begins as soon as start returns.
     service.shutdown.install_signal_handlers()
     service.start()
-    sys.exit(service.run())
+    exit_process(service.run())
 
 
 @main.group()

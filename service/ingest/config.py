@@ -40,6 +40,7 @@ class Settings:
     batch_linger_s: float = 0.05
     pool_size: int = 4
     drain_timeout_s: float = 30.0
+    statement_timeout_s: float = 60.0
     ack: str = "enqueue"
     max_body_bytes: int = 1024 * 1024
     id_field: str | None = None
@@ -81,7 +82,7 @@ class Settings:
                      "spool_max_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+        for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s", "statement_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be more than 0 seconds, got {getattr(self, name)}")
         for name in ("enqueue_timeout_s", "batch_linger_s", "drain_timeout_s"):

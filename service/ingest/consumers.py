@@ -53,6 +53,9 @@ class ConsumerThread(threading.Thread):
         self._on_settled = on_settled  # told of messages now in the database (the spool deletes them)
         self.startup_error: str | None = None
         self.finished = False  # True when run() returned on purpose, not by dying
+        # The batch being written. The main thread may take it (abandon) when this thread is
+        # still blocked in the database past the drain deadline; whoever takes it accounts for it.
+        self._held_lock = threading.Lock()
         self._held: list[Message] = []
 
     def __repr__(self) -> str:
@@ -85,13 +88,16 @@ class ConsumerThread(threading.Thread):
         batch = self._buffer.take(self._batch_size, self._linger_s, self._idle_wait_s)
         if not batch:
             return False
-        self._held = batch
+        with self._held_lock:
+            self._held = batch
         try:
             self._metrics.batch_size.observe(len(batch))
             result = self._store.write(batch)
         except TransientStoreError as exc:
             # Only the drain deadline ends retries: these messages cannot be stored now.
             # Spooled ones are not lost: they stay in the spool file for the next start.
+            if not self._release():
+                return True  # abandoned meanwhile: the main thread accounted for the batch
             lost = sum(1 for m in batch if m.seq is None)
             self._metrics.lost.inc(lost)
             log.error("%s: %d message(s) not stored at the drain deadline (%d lost): %s",
@@ -100,11 +106,11 @@ class ConsumerThread(threading.Thread):
             return True
         except BaseException:
             # The excepthook logs the traceback and counts the death; say what happened to the data.
-            log.error("%s died holding %d message(s); handing them back", self.name, len(batch))
-            self._buffer.requeue(batch)
+            if self._release():
+                log.error("%s died holding %d message(s); handing them back", self.name, len(batch))
+                self._buffer.requeue(batch)
             raise
-        finally:
-            self._held = []
+        self._release()
         # Committed: from here on a failure must not hand the batch back, or it would be
         # written twice (and messages without an identity would be stored twice).
         try:
@@ -114,6 +120,16 @@ class ConsumerThread(threading.Thread):
             settle_failed(batch, "stored, but the service failed after the commit; see its log")
             raise
         return True
+
+    def _release(self) -> list[Message]:
+        """Let go of the held batch; empty if the main thread took it first."""
+        with self._held_lock:
+            batch, self._held = self._held, []
+        return batch
+
+    def abandon(self) -> list[Message]:
+        """Take the batch this thread holds (the main thread, when it gives up waiting for it)."""
+        return self._release()
 
     def _account(self, batch: list[Message], result: WriteResult) -> None:
         committed = time.time()

@@ -74,6 +74,10 @@ class Metrics:
             "ingest_consumer_restarts", "Dead consumer threads replaced by the supervisor", registry=r
         )
         self.db_retries = Counter("ingest_db_retries", "Batch writes retried after a transient error", registry=r)
+        self.db_calls_cut = Counter(
+            "ingest_db_calls_cut", "Database calls whose connection was cut: past the statement timeout "
+            "with no answer, or past the drain deadline", registry=r,
+        )
         self.dead_lettered = Counter(
             "ingest_messages_dead_lettered", "Messages the database refused, kept in dead_letters", registry=r
         )

@@ -26,6 +26,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the schema to `revision` in the engine's database, one transaction a migration."""
     config = _config()
     with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            # A migration may rewrite a big table: the service's statement timeout is for writes.
+            connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 

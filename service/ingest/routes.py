@@ -74,7 +74,7 @@ class RouteConfig:
     merge_metrics: Callable[[str], Awaitable[str]] | None
     is_stopping: Callable[[], bool]
     is_healthy: Callable[[], bool]
-    is_ready: Callable[[], bool]
+    not_ready: Callable[[], str | None]  # None when ready, else why not
 
 
 CONFIG = web.AppKey("config", RouteConfig)
@@ -387,8 +387,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
-    ready = config.is_ready()
+    reason = config.not_ready()
+    ready = reason is None
     body: dict[str, object] = {"ready": ready}
+    if reason is not None:
+        body["reason"] = reason
     if config.unprotected_warning is not None:
         body["warning"] = config.unprotected_warning
     return web.json_response(body, status=200 if ready else 503)

@@ -2,10 +2,13 @@
 
 Start: open the spool (if any) → migrate → consumers check the database and meet at a Barrier →
        spool writer and feeder start → listener binds → ready.
-Run:   the main thread waits on the `stopping` Event and, between waits, replaces dead threads.
+Run:   the main thread waits on the `stopping` Event and, between waits, replaces dead threads
+       and does its chores (chores.py), none of which waits on the database.
 Stop:  refuse new requests (503) → the spool commits what it was handed and the feeder feeds all
-       of it → close the buffer → consumers drain and commit (bounded by the drain deadline) →
-       the spool deletes what was stored → listener finishes in-flight responses → pool closes.
+       of it → close the buffer → consumers drain and commit (bounded by the drain deadline:
+       past it their connections are cut, and ABANDON_AFTER_S later any consumer the database
+       still holds is left behind) → the spool deletes what was stored → listener finishes
+       in-flight responses → pool closes.
 """
 
 from __future__ import annotations
@@ -15,21 +18,22 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
 
 from prometheus_client import generate_latest
 
 from ingest import metrics_merge, migrate, receipt_rows
 from ingest.auth import UNKNOWN, Tokens
 from ingest.buffer import Buffer
+from ingest.chores import PROBE_TIMEOUT_S, Chores
 from ingest.config import Settings
 from ingest.consumers import ConsumerThread
 from ingest.errors import SpoolError, StartupError
 from ingest.guard import ConnectionGuard
+from ingest.health import EventLike, Health
 from ingest.identity import Generator
 from ingest.listener import ListenerThread, loop_factory
 from ingest.messages import Message, settle_failed, settle_failed_acks
@@ -42,7 +46,7 @@ from ingest.routes import RouteConfig, hot_path, make_app
 from ingest.shutdown import Shutdown
 from ingest.spool_feeder import SpoolFeeder
 from ingest.spool_writer import KEPT_IN_SPOOL, SpoolWriter
-from ingest.store import Store, WriteResult, first_line
+from ingest.store import Store, WriteResult
 from ingest.supervisor import Supervisor
 from ingest.tls import server_context
 
@@ -55,14 +59,9 @@ EXIT_LISTENER_DIED = 4  # the listener, the spool writer or the spool feeder die
 STARTUP_TIMEOUT_S = 30.0
 LOOKUP_TIMEOUT_S = 2.0  # a receipt the database does not give in this time comes from the ledger
 CHECK_INTERVAL_S = 0.5
-PROBE_INTERVAL_S = 5.0
-DEAD_LETTER_COUNT_INTERVAL_S = 15.0
-
-
-class EventLike(Protocol):
-    """threading.Event or multiprocessing's Event (a different class, the same is_set)."""
-
-    def is_set(self) -> bool: ...
+# Past the drain deadline every connection in use is cut; a consumer the database still holds
+# this long after that (in connect(), say) is left behind, its batch accounted as not stored.
+ABANDON_AFTER_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,12 @@ class Service:
         if self.tokens is not None:
             self.metrics.add_clients([*self.tokens.names(), UNKNOWN])
         self.buffer = Buffer(settings.queue_size)
-        self.pool = ConnectionPool(settings.db_url, settings.pool_size)
+        self.pool = ConnectionPool(
+            settings.db_url, settings.pool_size, statement_timeout_s=settings.statement_timeout_s
+        )
+        # The readiness probe's own connection: a busy pool never looks like a dead database.
+        probe_pool = ConnectionPool(settings.db_url, 1, statement_timeout_s=PROBE_TIMEOUT_S,
+                                    connect_timeout_s=int(PROBE_TIMEOUT_S))
         self.store = Store(self.pool, self.metrics, self.shutdown.hard_stop)
         self.spool: SpoolWriter | None = None
         if settings.spool is not None:
@@ -129,13 +133,21 @@ class Service:
         )
         self.scheme = "https" if ssl_context is not None else "http"
         self.port: int | None = None
-        self._ready = threading.Event()
+        self.health = Health(
+            listener=self.listener, spool_threads=lambda: [self.spool, self.feeder], supervisor=self.supervisor,
+            consumers=settings.consumers, store=self.store, stopping=self.shutdown.stopping,
+            siblings_started=worker.all_started if worker is not None else None,
+        )
+        self.chores = Chores(
+            store=self.store, pool=self.pool, probe_pool=probe_pool, metrics=self.metrics, shutdown=self.shutdown,
+            tokens=self.tokens, lookups=self._lookups,
+        )
+        self.abandoned: list[str] = []  # consumers left blocked in the database at the stop
         self._stopped = False
-        self._dead_letter_count: Future[int] | None = None
         self._wire_gauges()
 
     def __repr__(self) -> str:
-        return f"Service(port={self.port}, ready={self._ready.is_set()}, {self.buffer!r}, {self.supervisor!r})"
+        return f"Service(port={self.port}, ready={self.health.ready()}, {self.buffer!r}, {self.supervisor!r})"
 
     @property
     def url(self) -> str:
@@ -168,8 +180,9 @@ class Service:
                 if self.settings.rate_limit is not None else None
             ),
             is_stopping=self.shutdown.stopping.is_set,
-            is_healthy=self.healthy,
-            is_ready=self.ready,
+            # Late-bound: health is built after the listener, which needs these routes.
+            is_healthy=lambda: self.health.healthy(),  # noqa: PLW0108
+            not_ready=lambda: self.health.not_ready(),  # noqa: PLW0108
         )
 
     def _exposition(self) -> bytes:
@@ -227,17 +240,6 @@ class Service:
         if self.spool is not None:
             self.spool.forget(batch)
 
-    def healthy(self) -> bool:
-        consumers_ok = self.supervisor.alive() == self.settings.consumers
-        return self.listener.is_alive() and consumers_ok and self._dead_pipeline_thread() is None
-
-    def ready(self) -> bool:
-        siblings = self.worker.all_started if self.worker is not None else None
-        return (
-            self._ready.is_set() and not self.shutdown.stopping.is_set() and self.store.reachable
-            and (siblings is None or siblings.is_set())
-        )
-
     # -- start -------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -252,7 +254,7 @@ class Service:
         except BaseException:
             self.stop()
             raise
-        self._ready.set()
+        self.health.started.set()
         if self.unprotected_warning is not None:
             log.warning("%s", self.unprotected_warning)
         log.info("ingest ready on %s (%s, %d consumers, %s loop)", self.url, self.pool.dialect,
@@ -318,10 +320,8 @@ class Service:
 
     def run(self) -> int:
         """The main thread's loop until `stopping`; then stop. Returns the exit code."""
-        last_probe = time.monotonic()
-        last_count = -DEAD_LETTER_COUNT_INTERVAL_S
         while not self.shutdown.stopping.wait(CHECK_INTERVAL_S):
-            dead = self._dead_pipeline_thread()
+            dead = self.health.dead_thread()
             if dead is not None:
                 # No replacement: a new listener would need the port, a new spool thread the
                 # state the dead one held. Stop cleanly; a supervisor (Docker) restarts the process.
@@ -330,58 +330,8 @@ class Service:
                 self.stop()
                 return EXIT_LISTENER_DIED
             self.supervisor.check()
-            if self.shutdown.reload.is_set():
-                self.shutdown.reload.clear()
-                self._reload()
-            if time.monotonic() - last_probe >= PROBE_INTERVAL_S:
-                self._probe_database()
-                last_probe = time.monotonic()
-            if time.monotonic() - last_count >= DEAD_LETTER_COUNT_INTERVAL_S:
-                self._count_dead_letters()
-                last_count = time.monotonic()
+            self.chores.tick()
         return self.stop()
-
-    def _reload(self) -> None:
-        """SIGHUP: read the token file again; a bad file keeps the old tokens (auth.py logs why)."""
-        if self.tokens is None:
-            log.info("SIGHUP: nothing to reload (no --auth-tokens)")
-            return
-        if self.tokens.reload():
-            self.metrics.add_clients(self.tokens.names())
-
-    def _dead_pipeline_thread(self) -> str | None:
-        threads: list[threading.Thread | None] = [self.listener, self.spool, self.feeder]
-        for thread in threads:
-            if thread is not None and thread.ident is not None and not thread.is_alive():
-                return thread.name
-        return None
-
-    def _probe_database(self) -> None:
-        """Keep /readyz honest while idle: no write would notice the database going away."""
-        if self.pool.in_use or self.buffer.depth():
-            return  # consumers are at work; their writes' outcomes already set `reachable`
-        try:
-            self.pool.ping()
-            self.store.reachable = True
-        except Exception as exc:  # noqa: BLE001 - any failure means "not reachable", and is logged
-            self.store.reachable = False
-            log.warning("database unreachable: %s", str(exc).splitlines()[0])
-
-    def _count_dead_letters(self) -> None:
-        """Refresh the dead-letters gauge off the main thread (a stalled database must not stop
-        supervision), one count at a time; the gauge keeps its last value while none answers."""
-        if self._dead_letter_count is not None and not self._dead_letter_count.done():
-            return
-        counting = self._lookups.submit(self.store.count_dead_letters)
-        counting.add_done_callback(self._counted_dead_letters)
-        self._dead_letter_count = counting
-
-    def _counted_dead_letters(self, counting: Future[int]) -> None:
-        exc = counting.exception()
-        if exc is None:
-            self.metrics.dead_letters_waiting.set(counting.result())
-        else:
-            log.warning("could not count dead letters: %s", first_line(exc))
 
     # -- stop --------------------------------------------------------------------------------
 
@@ -397,7 +347,7 @@ class Service:
             self._finish_feeding()
             self.buffer.close()  # puts still waiting for room fail with 503; nothing new gets in
             self._join_consumers()
-            lost = self._abandon_leftovers()
+            lost = self._give_up(self.buffer.take_all(), "the drain deadline passed")
             self._close_spool()
             spooled = self.spool is not None
             code = EXIT_DRAIN_TIMEOUT if not spooled and (lost or self.shutdown.hard_stop.is_set()) else EXIT_OK
@@ -405,28 +355,47 @@ class Service:
         finally:
             self.shutdown.cancel_deadline()
             self._executor.shutdown(wait=True)
-            self.pool.interrupt()  # only a receipt lookup stuck in a stalled database holds one now
-            self._lookups.shutdown(wait=True)
+            self.chores.interrupt()  # only a receipt lookup or a probe in a stalled database holds one now
+            # Left behind, not waited for: a lookup stuck connecting to a silent database holds no data.
+            self._lookups.shutdown(wait=False, cancel_futures=True)
+            self.chores.close()
             self.pool.dispose()
             self.supervisor.uninstall()
-        if self._ready.is_set():
+        if self.health.started.is_set():
             log.info("ingest stopped (exit code %d)", code)
         else:
             log.info("ingest did not start; stopped what had started")
         return code
 
     def _join_consumers(self) -> None:
-        # A consumer that dies while draining hands its batch back; its replacement drains it.
+        """Until every consumer has finished. A consumer that dies while draining hands its batch
+        back; its replacement drains it. Past the deadline, whatever the database does, this
+        returns within ABANDON_AFTER_S."""
+        abandon_at: float | None = None
         while True:
             if self.shutdown.hard_stop.is_set():
                 # Past the deadline a consumer may still be blocked inside the database.
-                self.pool.interrupt()
+                self.chores.interrupt()
+                abandon_at = abandon_at or time.monotonic() + ABANDON_AFTER_S
             else:
                 self.supervisor.check()
+                self.chores.cut_overdue()
             pending = [c for c in self.supervisor.consumers() if c.is_alive()]
             if not pending:
                 return
+            if abandon_at is not None and time.monotonic() >= abandon_at:
+                self._abandon(pending)
+                return
             pending[0].join(CHECK_INTERVAL_S)
+
+    def _abandon(self, consumers: list[ConsumerThread]) -> None:
+        """Leave consumers the database still holds behind, accounting for what they held."""
+        for consumer in consumers:
+            batch = consumer.abandon()
+            log.error("%s is still held by the database %.0fs after the drain deadline, its connection cut; "
+                      "leaving it behind with %d message(s) not stored", consumer.name, ABANDON_AFTER_S, len(batch))
+            self._give_up(batch, "the drain deadline passed while the database held their write")
+            self.abandoned.append(consumer.name)
 
     def _finish_feeding(self) -> None:
         """With a spool: commit what was handed over, then feed all of it before the buffer closes."""
@@ -454,17 +423,17 @@ class Service:
             log.warning("spool %s: %d message(s) stay in the spool; the next start stores them",
                         self.spool.path, self.spool.messages)
 
-    def _abandon_leftovers(self) -> int:
-        leftovers = self.buffer.take_all()
-        if leftovers and self.spool is not None:
+    def _give_up(self, batch: list[Message], why: str) -> int:
+        """Accepted messages that will not be stored by this process; returns how many are lost."""
+        if batch and self.spool is not None:
             # Not lost: every one of them is still in the spool file.
-            settle_failed(leftovers, KEPT_IN_SPOOL)
+            settle_failed(batch, KEPT_IN_SPOOL)
             return 0
-        if leftovers:
-            self.metrics.lost.inc(len(leftovers))
-            settle_failed(leftovers, "drain deadline passed before this message was stored")
-            log.error("%d accepted message(s) were not stored: the drain deadline passed", len(leftovers))
-        return len(leftovers)
+        if batch:
+            self.metrics.lost.inc(len(batch))
+            settle_failed(batch, f"not stored: {why}")
+            log.error("%d accepted message(s) were not stored: %s", len(batch), why)
+        return len(batch)
 
     def _stop_listener(self) -> None:
         if self.listener.ident is None:

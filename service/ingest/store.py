@@ -104,10 +104,12 @@ class Store:
         postgres = pool.dialect == "postgresql"
         self._insert_new = _with_receipts(_copy_messages if postgres else _insert_messages, fresh=True)
         self._insert_skipping = _with_receipts(_copy_skipping_known if postgres else _insert_skipping_known)
-        self.reachable = True  # last word from the database; read by /readyz
+        # The last word from the database, of a write or of the probe (chores.py): None when it
+        # answered, else what went wrong. /readyz reads it.
+        self.database_error: str | None = None
 
     def __repr__(self) -> str:
-        return f"Store({self._pool!r}, reachable={self.reachable})"
+        return f"Store({self._pool!r}, database_error={self.database_error!r})"
 
     def check(self) -> None:
         """Connect and find the tables; a consumer calls this before the service opens."""
@@ -166,7 +168,7 @@ class Store:
                 with self._pool.connection() as conn:
                     inserted = self._in_transaction(conn, insert_fn, batch)
                 self._metrics.db_write_seconds.observe(time.perf_counter() - started)
-                self.reachable = True
+                self.database_error = None
                 return inserted
             except Exception as exc:
                 kind = classify(exc)
@@ -174,7 +176,7 @@ class Store:
                     raise
                 if kind is PermanentStoreError:
                     raise PermanentStoreError(first_line(exc)) from exc
-                self.reachable = False
+                self.database_error = first_line(exc)
                 delay = self._backoff.delay_s(attempt)
                 attempt += 1
                 self._metrics.db_retries.inc()

@@ -38,6 +38,7 @@ from ingest.config import Settings, mask_url
 from ingest.errors import IngestError, StartupError
 from ingest.pool import ConnectionPool
 from ingest.service import EXIT_OK, Service, WorkerSlot
+from ingest.shutdown import exit_process
 from ingest.store import first_line
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def _worker_main(settings: Settings, slot: WorkerSlot, reports: Queue[tuple[int,
     reports.put((slot.index, None))
     threading.Thread(target=_drain_when_orphaned, args=(service, parent), name="parent-watch",
                      daemon=True).start()
-    sys.exit(service.run())
+    exit_process(service.run())
 
 
 def _pin(index: int) -> None:
