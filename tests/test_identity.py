@@ -149,19 +149,18 @@ def test_a_batch_written_twice_is_stored_once(make_service, make_engine, db_url,
 def test_a_consumer_that_dies_after_its_commit_does_not_write_again(make_service, make_engine, db_url, monkeypatch):
     """Without a spool, generated identities are not kept: the consumer itself must never hand
     back a batch it has committed."""
-    import ingest.consumers
 
     service = make_service(db_url=db_url, consumers=1, batch_linger_s=0)
-    original = ingest.consumers.settle_stored
+    original = service.ledger.committed
     calls = {"n": 0}
 
-    def fail_once(batch: list[Message]) -> None:
+    def fail_once(stored: list[Message], duplicates: list[Message], dead: list[tuple[Message, str]]) -> None:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected: a bug after the commit")
-        original(batch)
+        original(stored, duplicates, dead)
 
-    monkeypatch.setattr(ingest.consumers, "settle_stored", fail_once)
+    monkeypatch.setattr(service.ledger, "committed", fail_once)
     reply = _post(service.url, [{"n": n} for n in range(5)])
     assert reply.status == 500 and "stored, but the service failed after the commit" in reply.json()["error"]
     assert _post(service.url, [{"n": 9}]).status == 201  # the replacement works

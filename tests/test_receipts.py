@@ -173,7 +173,8 @@ def test_a_receipt_survives_a_restart_with_the_spool(make_service, sqlite_url, t
         lock.execute("BEGIN EXCLUSIVE")
         request_id = _push(first.url, 12, headers={"X-Request-Id": "across-a-restart"}).json()["request"]
         first.shutdown.stopping.set()
-        wait_until(lambda: first.spool is not None and not first.spool.is_alive(), 30, "the first service stopped")
+        wait_until(lambda: first.spool is not None and not first.spool.writer.is_alive(), 30,
+                   "the first service stopped")
     finally:
         lock.execute("ROLLBACK")
         lock.close()
@@ -190,7 +191,7 @@ def test_a_batch_written_again_after_a_crash_is_not_counted_twice(make_service, 
     first = make_service(db_url=db_url, spool=path)
     ids = [_push(first.url, 10, query="?ack=commit").json()["request"] for _ in range(3)]
     first.shutdown.stopping.set()
-    wait_until(lambda: first.spool is not None and not first.spool.is_alive(), 30, "the first service stopped")
+    wait_until(lambda: first.spool is not None and not first.spool.writer.is_alive(), 30, "the first service stopped")
     monkeypatch.undo()
     second = make_service(db_url=db_url, spool=path)
     wait_until(lambda: second.spool is not None and second.spool.messages == 0, 30, "the spool written again")

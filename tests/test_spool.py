@@ -121,7 +121,7 @@ def test_a_crash_between_the_commit_and_the_spool_delete_stores_nothing_twice(
     for n in range(5):
         assert _post(first.url, range(n * 10, n * 10 + 10), ack="commit") == 201
     first.shutdown.stopping.set()
-    wait_until(lambda: first.spool is not None and not first.spool.is_alive(), 30, "the first service stopped")
+    wait_until(lambda: first.spool is not None and not first.spool.writer.is_alive(), 30, "the first service stopped")
     assert spool.status(spool.open_spool(Path(path), create=False, writable=False)).messages == 50
     monkeypatch.undo()
 

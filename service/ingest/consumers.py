@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 from ingest.buffer import Buffer
 from ingest.errors import IngestError, TransientStoreError
-from ingest.messages import Message, settle_duplicates, settle_failed, settle_stored
+from ingest.messages import Message
 from ingest.metrics import Metrics
+from ingest.receipts import Ledger
 from ingest.store import Store, WriteResult
 
 log = logging.getLogger(__name__)
@@ -34,23 +35,25 @@ class ConsumerThread(threading.Thread):
         buffer: Buffer,
         store: Store,
         metrics: Metrics,
+        ledger: Ledger,
         batch_size: int,
         linger_s: float,
         hard_stop: threading.Event,
         startup: threading.Barrier | None = None,
         idle_wait_s: float = 0.5,
-        on_settled: Callable[[list[Message], WriteResult], None] | None = None,
+        after_commit: Callable[[list[Message], WriteResult], None] | None = None,
     ) -> None:
         super().__init__(name=name, daemon=False)
         self._buffer = buffer
         self._store = store
         self._metrics = metrics
+        self._ledger = ledger
         self._batch_size = batch_size
         self._linger_s = linger_s
         self._hard_stop = hard_stop
         self._startup = startup
         self._idle_wait_s = idle_wait_s
-        self._on_settled = on_settled  # told of messages now in the database (the spool deletes them)
+        self._after_commit = after_commit  # told of messages now in the database (the spool deletes them)
         self.startup_error: str | None = None
         self.finished = False  # True when run() returned on purpose, not by dying
         # The batch being written. The main thread may take it (abandon) when this thread is
@@ -102,7 +105,7 @@ class ConsumerThread(threading.Thread):
             self._metrics.lost.inc(lost)
             log.error("%s: %d message(s) not stored at the drain deadline (%d lost): %s",
                       self.name, len(batch), lost, exc)
-            settle_failed(batch, str(exc))
+            self._ledger.given_up(batch, str(exc))
             return True
         except BaseException:
             # The excepthook logs the traceback and counts the death; say what happened to the data.
@@ -117,7 +120,7 @@ class ConsumerThread(threading.Thread):
             self._account(batch, result)
         except BaseException:
             log.error("%s died after committing %d message(s); they are stored", self.name, len(batch))
-            settle_failed(batch, "stored, but the service failed after the commit; see its log")
+            self._ledger.given_up(batch, "stored, but the service failed after the commit; see its log")
             raise
         return True
 
@@ -137,11 +140,8 @@ class ConsumerThread(threading.Thread):
         for received_at, count in Counter(m.received_at for m in result.stored).items():
             self._metrics.message_latency.observe(committed - received_at, count)
         self._metrics.stored.inc(len(result.stored))
-        if self._on_settled is not None:
-            self._on_settled(batch, result)
-        settle_stored(result.stored)
-        if result.duplicates:
-            self._metrics.duplicates.inc(len(result.duplicates))
-            settle_duplicates(result.duplicates)
-        for message, error in result.dead:
-            settle_failed([message], f"refused by the database: {error}")
+        self._metrics.duplicates.inc(len(result.duplicates))
+        if self._after_commit is not None:
+            self._after_commit(batch, result)
+        # Last: a waiting client hears of its commit once everything else is done with it.
+        self._ledger.committed(result.stored, result.duplicates, result.dead)

@@ -25,7 +25,6 @@ class Health:
     def __init__(
         self,
         *,
-        listener: threading.Thread,
         spool_threads: Callable[[], list[threading.Thread | None]],
         supervisor: Supervisor,
         consumers: int,
@@ -33,7 +32,7 @@ class Health:
         stopping: threading.Event,
         siblings_started: EventLike | None,
     ) -> None:
-        self._listener = listener
+        self._listener: threading.Thread | None = None  # watch()ed once built: it needs the routes, which need this
         self._spool_threads = spool_threads  # the spool's writer and feeder, once built
         self._supervisor = supervisor
         self._consumers = consumers
@@ -41,6 +40,9 @@ class Health:
         self._stopping = stopping
         self._siblings_started = siblings_started
         self.started = threading.Event()  # set once start() has returned
+
+    def watch(self, listener: threading.Thread) -> None:
+        self._listener = listener
 
     def dead_thread(self) -> str | None:
         """The name of a started pipeline thread that died, which no supervisor replaces."""
@@ -50,7 +52,8 @@ class Health:
         return None
 
     def healthy(self) -> bool:
-        return self._listener.is_alive() and self._supervisor.alive() == self._consumers and self.dead_thread() is None
+        listening = self._listener is not None and self._listener.is_alive()
+        return listening and self._supervisor.alive() == self._consumers and self.dead_thread() is None
 
     def not_ready(self) -> str | None:
         """None when ready; otherwise why not, in a few words."""

@@ -1,8 +1,8 @@
-"""What travels through the buffer: a message, and the acknowledgement a client may wait on."""
+"""What travels through the buffer: a message, and the record of the request it came in."""
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Iterable
 from concurrent.futures import Future
 
 from ingest.errors import StoreError
@@ -18,85 +18,78 @@ class WriteFailed(StoreError):
         self.request_id: str | None = None  # set by the handler that reports it
 
 
-class Ack:
-    """Counts down a request's messages; settles one Future when the last is accounted for.
-
-    Created only for ack=commit requests, whose handler awaits `future`: every future has
-    exactly one reader. The future is marked running at once so a disconnecting client cannot
-    cancel it under a consumer that is about to settle it.
-    """
-
-    __slots__ = ("_duplicates", "_failed", "_first_error", "_lock", "_pending", "_stored", "future")
-
-    def __init__(self, count: int) -> None:
-        self.future: Future[tuple[int, int]] = Future()  # (stored, duplicates)
-        self.future.set_running_or_notify_cancel()
-        self._lock = threading.Lock()  # consumers settle parts of one request concurrently
-        self._pending = count
-        self._stored = 0
-        self._duplicates = 0
-        self._failed = 0
-        self._first_error = ""
-
-    @property
-    def pending(self) -> int:
-        with self._lock:
-            return self._pending
-
-    def stored(self, count: int) -> None:
-        self._settle(stored=count)
-
-    def duplicate(self, count: int) -> None:
-        """Already in the database under the same identity: accounted for, not stored again."""
-        self._settle(duplicates=count)
-
-    def failed(self, count: int, error: str) -> None:
-        self._settle(failed=count, error=error)
-
-    def _settle(self, *, stored: int = 0, duplicates: int = 0, failed: int = 0, error: str = "") -> None:
-        with self._lock:
-            if self._pending <= 0:
-                # Already settled: a batch handed back by a dying consumer after part of it
-                # was stored comes round again. The client has its answer; count nothing twice.
-                return
-            self._stored += stored
-            self._duplicates += duplicates
-            self._failed += failed
-            if error and not self._first_error:
-                self._first_error = error
-            self._pending = max(0, self._pending - stored - duplicates - failed)
-            done = self._pending == 0
-        if not done:
-            return
-        if self._failed:
-            self.future.set_exception(
-                WriteFailed(self._first_error, stored=self._stored, failed=self._failed)
-            )
-        else:
-            self.future.set_result((self._stored, self._duplicates))
-
-
 class Receipt:
-    """What became of one request's messages, as far as this process knows (receipts.py).
+    """One accepted request: what became of its messages, and the future its client awaits.
 
-    Shared by the request's messages; consumers add to it under the ledger's lock. The database
-    keeps the same counts in `requests`, written in the transactions that store the messages.
+    The one record of a request's outcome. Consumers count a batch into it once, through the
+    Ledger (receipts.py), under the ledger's lock: `stored` (written by this request),
+    `duplicates` (its identity was stored already: in the database all the same), `dead`
+    (refused, dead-lettered) and `unstored` (given up on: the drain deadline, or kept in the
+    spool for the next start). `future` exists for ack=commit requests only and is settled once
+    nothing is pending: the 201's counts, or WriteFailed. It is marked running at once so a
+    disconnecting client cannot cancel it under a consumer that is about to settle it.
     `fresh`: its id was made by this process, so no row of it is in the database until this
     process writes one (receipt_rows.py may then insert instead of upsert).
     """
 
-    __slots__ = ("accepted", "dead", "fresh", "id", "received_at", "stored")
+    __slots__ = (
+        "accepted", "dead", "duplicates", "first_error", "fresh", "future", "id", "received_at", "stored", "unstored"
+    )
 
-    def __init__(self, request_id: str, accepted: int, received_at: float, *, fresh: bool = False) -> None:
+    def __init__(
+        self, request_id: str, accepted: int, received_at: float, *, fresh: bool = False, waited_on: bool = False
+    ) -> None:
         self.id = request_id
         self.accepted = accepted
         self.received_at = received_at
         self.fresh = fresh
-        self.stored = 0  # in the database, written by this request or (duplicates) an earlier one
+        self.stored = 0
+        self.duplicates = 0
         self.dead = 0
+        self.unstored = 0
+        self.first_error = ""
+        self.future: Future[tuple[int, int]] | None = None  # (stored, duplicates), for ack=commit
+        if waited_on:
+            self.future = Future()
+            self.future.set_running_or_notify_cancel()
 
     def __repr__(self) -> str:
-        return f"Receipt({self.id}, accepted={self.accepted}, stored={self.stored}, dead={self.dead})"
+        return (f"Receipt({self.id}, accepted={self.accepted}, stored={self.stored}, "
+                f"duplicates={self.duplicates}, dead={self.dead}, unstored={self.unstored})")
+
+    @property
+    def pending(self) -> int:
+        return self.accepted - self.stored - self.duplicates - self.dead - self.unstored
+
+    @property
+    def in_database(self) -> int:
+        """Its messages the database holds, written by it or (duplicates) by an earlier request."""
+        return self.stored + self.duplicates
+
+    def count(self, *, stored: int = 0, duplicates: int = 0, dead: int = 0, unstored: int = 0, error: str = "") -> None:
+        """Add an outcome; the caller holds the ledger's lock. Never past what is pending: a batch
+        that comes round again (handed back by a dying consumer) is counted once."""
+        stored = min(stored, self.pending)
+        self.stored += stored
+        duplicates = min(duplicates, self.pending)
+        self.duplicates += duplicates
+        dead = min(dead, self.pending)
+        self.dead += dead
+        unstored = min(unstored, self.pending)
+        self.unstored += unstored
+        if error and (dead or unstored) and not self.first_error:
+            self.first_error = error
+
+    def settle_future(self) -> None:
+        """Tell the waiting client, once nothing is pending; idempotent, under the ledger's lock."""
+        future = self.future
+        if future is None or self.pending > 0 or future.done():
+            return
+        failed = self.dead + self.unstored
+        if failed:
+            future.set_exception(WriteFailed(self.first_error, stored=self.stored, failed=failed))
+        else:
+            future.set_result((self.stored, self.duplicates))
 
 
 class Message:
@@ -109,13 +102,12 @@ class Message:
     `receipt` is its request's (None for rows spooled by an ingest that had no receipts).
     """
 
-    __slots__ = ("ack", "ident", "known", "receipt", "received_at", "seq", "text")
+    __slots__ = ("ident", "known", "receipt", "received_at", "seq", "text")
 
     def __init__(
         self,
         text: str,
         received_at: float,
-        ack: Ack | None = None,
         *,
         ident: str | None,
         known: bool = True,
@@ -124,41 +116,24 @@ class Message:
     ) -> None:
         self.text = text
         self.received_at = received_at
-        self.ack = ack
         self.ident = ident
         self.known = known
         self.seq = seq  # its place in the spool, when there is one: it leaves once stored
         self.receipt = receipt
 
     def __repr__(self) -> str:
-        return f"Message({self.ident}, received_at={self.received_at:.6f}, ack={self.ack is not None})"
+        return f"Message({self.ident}, received_at={self.received_at:.6f}, request={self.request_id})"
+
+    @property
+    def request_id(self) -> str | None:
+        return self.receipt.id if self.receipt is not None else None
 
 
-def settle_stored(batch: list[Message]) -> None:
-    """Tell every waiting client how many of its messages this commit stored."""
-    for ack, count in _count_by_ack(batch).items():
-        ack.stored(count)
-
-
-def settle_duplicates(batch: list[Message]) -> None:
-    for ack, count in _count_by_ack(batch).items():
-        ack.duplicate(count)
-
-
-def settle_failed_acks(acks: list[Ack], error: str) -> None:
-    """Fail requests as a whole: their messages were never handed to a consumer."""
-    for ack in acks:
-        ack.failed(ack.pending, error)
-
-
-def settle_failed(batch: list[Message], error: str) -> None:
-    for ack, count in _count_by_ack(batch).items():
-        ack.failed(count, error)
-
-
-def _count_by_ack(batch: list[Message]) -> dict[Ack, int]:
-    counts: dict[Ack, int] = {}
-    for message in batch:
-        if message.ack is not None:
-            counts[message.ack] = counts.get(message.ack, 0) + 1
+def by_request(messages: Iterable[Message]) -> dict[Receipt, int]:
+    """How many of these messages each request has: the one grouping of a batch by request."""
+    counts: dict[Receipt, int] = {}
+    for message in messages:
+        receipt = message.receipt
+        if receipt is not None:
+            counts[receipt] = counts.get(receipt, 0) + 1
     return counts

@@ -14,11 +14,10 @@ import itertools
 import re
 import threading
 import uuid
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ingest.messages import Receipt
+from ingest.messages import Message, Receipt, by_request
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # Safe in a URL path, a header and a JSON string without escaping: what request ids look like
@@ -57,7 +56,10 @@ class Ledger:
     """The requests in flight in this process: accepted, not yet all stored or dead-lettered.
 
     Bounded by what is in flight (the buffer, or the spool): an entry leaves when its last
-    message is accounted for, or when its request was not accepted after all.
+    message is in the database or dead-lettered, or when its request was not accepted after all.
+    Every outcome of every request (in the ledger or not: rows a previous run left in the spool)
+    is counted here, under one lock, once a batch: `committed` after a commit, `given_up` for
+    messages that will not be stored by this process.
     """
 
     def __init__(self) -> None:
@@ -72,17 +74,19 @@ class Ledger:
     def __len__(self) -> int:
         return len(self._open)
 
-    def open(self, sent: str | None, accepted: int, received_at: float) -> Receipt:
+    def open(self, sent: str | None, accepted: int, received_at: float, *, waited_on: bool = False) -> Receipt:
         """A receipt for a request about to be enqueued, under the client's id if it sent one of
         sane form, else a new one (unique without coordination); withdraw() it if that fails.
 
         An id already in flight (a client reusing its ids) is answered for by the newest request
-        here; in the database the counts of all requests sent under one id add up.
+        here; in the database the counts of all requests sent under one id add up. `waited_on`:
+        its client awaits the commit (ack=commit), on the receipt's future.
         """
         if sent is not None and _SANE_ID.fullmatch(sent):
-            receipt = Receipt(sent, accepted, received_at)
+            receipt = Receipt(sent, accepted, received_at, waited_on=waited_on)
         else:
-            receipt = Receipt(f"{self._prefix}{next(self._counter):x}", accepted, received_at, fresh=True)
+            request_id = f"{self._prefix}{next(self._counter):x}"
+            receipt = Receipt(request_id, accepted, received_at, fresh=True, waited_on=waited_on)
         with self._lock:
             self._open[receipt.id] = receipt
         return receipt
@@ -102,17 +106,43 @@ class Ledger:
             receipt = self._open.get(request_id)
             if receipt is None:
                 return None
-            return Counts.of(receipt.accepted, receipt.stored, receipt.dead)
+            return Counts.of(receipt.accepted, receipt.in_database, receipt.dead)
 
-    def settle(self, stored: Iterable[Receipt | None], dead: Iterable[Receipt | None]) -> None:
-        """Messages of these receipts (one entry a message) are now committed or dead-lettered."""
-        stored_counts = Counter(r for r in stored if r is not None)
-        dead_counts = Counter(r for r in dead if r is not None)
+    def committed(
+        self, stored: Sequence[Message], duplicates: Sequence[Message], dead: Sequence[tuple[Message, str]]
+    ) -> None:
+        """A batch is in the database: its messages stored, found stored already, or dead-lettered."""
+        errors = {m.receipt: f"refused by the database: {error}" for m, error in reversed(dead)}
         with self._lock:
-            for receipt, count in stored_counts.items():
-                receipt.stored += count
-            for receipt, count in dead_counts.items():
-                receipt.dead += count
-            for receipt in (*stored_counts, *dead_counts):
-                if receipt.stored + receipt.dead >= receipt.accepted and self._open.get(receipt.id) is receipt:
-                    del self._open[receipt.id]
+            for receipt, n in by_request(stored).items():
+                receipt.count(stored=n)
+            for receipt, n in by_request(duplicates).items():
+                receipt.count(duplicates=n)
+            for receipt, n in by_request(m for m, _ in dead).items():
+                receipt.count(dead=n, error=errors[receipt])
+            self._settle({m.receipt for group in (stored, duplicates) for m in group} | set(errors))
+
+    def given_up(self, messages: Sequence[Message], error: str) -> None:
+        """These messages will not be stored by this process (their clients hear `error`)."""
+        with self._lock:
+            counts = by_request(messages)
+            for receipt, n in counts.items():
+                receipt.count(unstored=n, error=error)
+            self._settle(set(counts))
+
+    def give_up_requests(self, receipts: Iterable[Receipt], error: str) -> None:
+        """Whole requests whose messages were never handed to a consumer (left in the spool)."""
+        with self._lock:
+            whole = set(receipts)
+            for receipt in whole:
+                receipt.count(unstored=receipt.pending, error=error)
+            self._settle(whole)
+
+    def _settle(self, receipts: Iterable[Receipt | None]) -> None:
+        """Answer waiting clients; let go of requests whose every message is in the database."""
+        for receipt in receipts:
+            if receipt is None:
+                continue
+            receipt.settle_future()
+            if receipt.in_database + receipt.dead >= receipt.accepted and self._open.get(receipt.id) is receipt:
+                del self._open[receipt.id]

@@ -1,7 +1,8 @@
 """The HTTP API: handlers and the error → status table. Runs on the listener's event loop.
 
-Nothing here blocks the loop: a put that must wait for room runs on a small executor, and a
-client waiting for its commit awaits the Ack's future through `asyncio.wrap_future`.
+Nothing here blocks the loop: messages go in through the intake port (intake.py), which waits
+for room off the loop, and a client waiting for its commit awaits its request's future (the
+receipt, messages.py) through `asyncio.wrap_future`.
 """
 
 from __future__ import annotations
@@ -22,26 +23,23 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from ingest.auth import UNKNOWN, Tokens
-from ingest.buffer import Buffer
 from ingest.decoding import decode, decompress
 from ingest.errors import (
     Backpressure,
     Invalid,
-    QueueFull,
     Rejected,
     RequestTimeout,
     ShuttingDown,
-    SpoolFull,
     TooLarge,
     Unauthorized,
 )
 from ingest.guard import ConnectionGuard
 from ingest.identity import IDEMPOTENCY_HEADER, Generator, checked_key, from_field, from_key
-from ingest.messages import Ack, Message, WriteFailed
+from ingest.intake import Intake
+from ingest.messages import Message, WriteFailed
 from ingest.metrics import ANONYMOUS, Metrics
 from ingest.ratelimit import RateLimiter
 from ingest.receipts import REQUEST_ID_HEADER, Counts, Ledger, is_sane
-from ingest.spool_writer import SpoolWriter
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +48,18 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclass(frozen=True, kw_only=True)
 class RouteConfig:
-    buffer: Buffer
+    intake: Intake  # the one way into the pipeline (intake.py)
     metrics: Metrics
-    executor: Executor
-    enqueue_timeout_s: float
     max_body_bytes: int
     default_ack: str
     id_field: str | None
     identities: Generator
-    spool: SpoolWriter | None
     tokens: Tokens | None
     metrics_token: str | None
     unprotected_warning: str | None  # said by /readyz when anyone may push from the network
     rate_limiter: RateLimiter | None
     guard: ConnectionGuard
     body_timeout_s: float
-    retry_after_s: Callable[[int], float]  # backlog in messages -> seconds until room is likely
     ledger: Ledger
     lookup_receipt: Callable[[str], Counts | None]  # from the database; blocking, so run on `lookups`
     lookups: Executor
@@ -223,32 +217,28 @@ async def post_messages(config: RouteConfig, request: web.Request) -> web.Respon
         key = client if config.tokens is not None else (request.remote or "?")
         config.rate_limiter.take(key, len(texts))
     idents, known = _identities(config, request, texts)
-    ack = Ack(len(texts)) if ack_mode == "commit" else None
     received_at = time.time()
-    receipt = config.ledger.open(request.headers.get(REQUEST_ID_HEADER), len(texts), received_at)
+    receipt = config.ledger.open(
+        request.headers.get(REQUEST_ID_HEADER), len(texts), received_at, waited_on=ack_mode == "commit"
+    )
     request_id = receipt.id
     if len(texts) == 1:  # most requests under load: no comprehension to build and run
-        batch = [Message(texts[0], received_at, ack, ident=idents[0], known=known, receipt=receipt)]
+        batch = [Message(texts[0], received_at, ident=idents[0], known=known, receipt=receipt)]
     else:
         batch = [
-            Message(text, received_at, ack, ident=ident, known=known, receipt=receipt)
+            Message(text, received_at, ident=ident, known=known, receipt=receipt)
             for text, ident in zip(texts, idents, strict=True)
         ]
     try:
-        await _enqueue(config, batch)
-    except (QueueFull, SpoolFull) as exc:
-        config.ledger.withdraw(receipt)
-        backlog = config.spool.messages if isinstance(exc, SpoolFull) and config.spool else config.buffer.depth()
-        exc.retry_after_s = config.retry_after_s(backlog)
-        raise
+        await config.intake.submit(batch)
     except BaseException:
         config.ledger.withdraw(receipt)
         raise
     config.metrics.count_received(client, len(batch))
-    if ack is None:
+    if receipt.future is None:
         return _json_reply(202, f'{{"accepted": {len(batch)}, "request": "{request_id}"}}', request_id)
     try:
-        stored, duplicates = await asyncio.wrap_future(ack.future)
+        stored, duplicates = await asyncio.wrap_future(receipt.future)
     except WriteFailed as exc:
         exc.request_id = request_id
         raise
@@ -327,7 +317,7 @@ def _identities(config: RouteConfig, request: web.Request, texts: list[str]) -> 
         return from_field(texts, config.id_field), True
     if key is not None:
         return from_key(key, len(texts)), True
-    if config.spool is not None:  # a crash after the database commit re-sends spooled messages
+    if config.intake.assigns_identities:  # e.g. a spool re-sends what a crash left uncertain
         return config.identities.take(len(texts)), False
     return [None] * len(texts), False
 
@@ -365,19 +355,6 @@ async def _read_body(request: web.Request, limit: int, timeout_s: float) -> byte
 
 def _too_large(limit: int) -> TooLarge:
     return TooLarge(f"body is over {limit} bytes", {"limit": limit})
-
-
-async def _enqueue(config: RouteConfig, batch: list[Message]) -> None:
-    """Into the spool (answered once on disk), or into the buffer: without waiting when there is
-    room, otherwise waiting on the executor, not the loop."""
-    if config.spool is not None:
-        await asyncio.wrap_future(config.spool.submit(batch))
-        return
-    if config.buffer.try_put_all(batch):
-        return
-    deadline = time.monotonic() + config.enqueue_timeout_s
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(config.executor, config.buffer.put_all, batch, deadline)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -23,7 +23,7 @@ import time
 from ingest import spool
 from ingest.buffer import Buffer
 from ingest.errors import QueueFull, ShuttingDown
-from ingest.messages import Message, Receipt, settle_failed
+from ingest.messages import Message, Receipt
 from ingest.receipts import Ledger
 from ingest.spool_writer import KEPT_IN_SPOOL, SpoolWriter
 
@@ -83,9 +83,9 @@ class SpoolFeeder(threading.Thread):
         receipts: dict[str, Receipt] = {}
         batch = [
             Message(
-                row.payload, row.received_at, self._writer.take_ack(row.seq),
+                row.payload, row.received_at,
                 ident=row.ident, known=row.known or row.seq <= self._recovered_upto, seq=row.seq,
-                receipt=self._receipt(row, receipts),
+                receipt=self._writer.take_waiting(row.seq) or self._receipt(row, receipts),
             )
             for row in rows
         ]
@@ -114,8 +114,7 @@ class SpoolFeeder(threading.Thread):
             seen[row.request] = receipt
         return receipt
 
-    @staticmethod
-    def _keep(batch: list[Message]) -> bool:
+    def _keep(self, batch: list[Message]) -> bool:
         """Not fed before the end: the rows stay in the spool; waiting clients hear it now."""
-        settle_failed(batch, KEPT_IN_SPOOL)
+        self._ledger.given_up(batch, KEPT_IN_SPOOL)
         return False

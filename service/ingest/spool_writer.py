@@ -22,7 +22,7 @@ from typing import IO
 
 from ingest import spool
 from ingest.errors import ShuttingDown, SpoolFull, SpoolUnavailable
-from ingest.messages import Ack, Message
+from ingest.messages import Message, Receipt
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class SpoolWriter(threading.Thread):
         self._committed = threading.Condition(self._lock)  # committed_seq moved on
         self._submits: list[_Submit] = []
         self._done: list[tuple[int, int]] = []  # (seq, bytes) stored in the database
-        self._acks: dict[int, Ack] = {}  # seq -> the ack=commit request waiting for it
+        self._waiting: dict[int, Receipt] = {}  # seq -> its ack=commit request, whose client waits
         self._accepting = True
         self._committing = False  # submits taken off the queue, not yet published
         self._closing = False
@@ -104,9 +104,10 @@ class SpoolWriter(threading.Thread):
                 self._done.extend(done)
                 self._wake.notify()
 
-    def take_ack(self, seq: int) -> Ack | None:
+    def take_waiting(self, seq: int) -> Receipt | None:
+        """The ack=commit request a spooled message belongs to (the very record its client awaits)."""
         with self._lock:
-            return self._acks.pop(seq, None)
+            return self._waiting.pop(seq, None)
 
     def wait_committed(self, after_seq: int, timeout_s: float) -> int:
         """The last committed seq, once it is past `after_seq` or `timeout_s` has passed."""
@@ -141,11 +142,11 @@ class SpoolWriter(threading.Thread):
             self._claim.close()
             self._claim = None
 
-    def orphaned_acks(self) -> list[Ack]:
+    def orphaned_waiting(self) -> list[Receipt]:
         """ack=commit requests whose messages stay in the spool: they must hear that."""
         with self._lock:
-            acks, self._acks = list(set(self._acks.values())), {}
-            return acks
+            waiting, self._waiting = list(set(self._waiting.values())), {}
+            return waiting
 
     # -- the thread --------------------------------------------------------------------------
 
@@ -169,7 +170,7 @@ class SpoolWriter(threading.Thread):
     def _commit(self, submits: list[_Submit], done: list[tuple[int, int]]) -> None:
         assert self._conn is not None
         rows = []
-        acks: dict[int, Ack] = {}
+        waiting: dict[int, Receipt] = {}
         for batch, _need, _future in submits:
             for message in batch:
                 message.seq = self._next_seq
@@ -179,8 +180,8 @@ class SpoolWriter(threading.Thread):
                     message.seq, message.ident, int(message.known), message.received_at, message.text,
                     receipt.id if receipt is not None else None, receipt.accepted if receipt is not None else None,
                 ))
-                if message.ack is not None:
-                    acks[message.seq] = message.ack
+                if receipt is not None and receipt.future is not None:
+                    waiting[message.seq] = receipt
         try:
             self._conn.execute("BEGIN")
             if rows:
@@ -192,7 +193,7 @@ class SpoolWriter(threading.Thread):
             self._rolled_back(submits, done, exc)
             return
         with self._lock:
-            self._acks.update(acks)
+            self._waiting.update(waiting)
             if rows:
                 self.committed_seq = rows[-1][0]
             self.messages -= len(done)

@@ -1,0 +1,251 @@
+"""Wiring: every part of a service built from Settings, connected, and not started.
+
+`build()` returns the parts as plain values; `Service` (service.py) receives them and owns only
+the order in which they start and stop. Nothing here starts a thread, opens a socket or touches
+the database: a test can build the parts, look at them, and drive one by hand.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from prometheus_client import generate_latest
+
+from ingest import metrics_merge, receipt_rows
+from ingest.auth import UNKNOWN, Tokens
+from ingest.buffer import Buffer
+from ingest.chores import PROBE_TIMEOUT_S, Chores
+from ingest.config import Settings
+from ingest.consumers import ConsumerThread
+from ingest.guard import ConnectionGuard
+from ingest.health import EventLike, Health
+from ingest.identity import Generator
+from ingest.intake import BufferIntake, Intake, SpoolIntake
+from ingest.listener import ListenerThread, loop_factory
+from ingest.messages import Message
+from ingest.metrics import Metrics
+from ingest.pace import Throughput
+from ingest.pool import ConnectionPool
+from ingest.ratelimit import RateLimiter
+from ingest.receipts import Ledger
+from ingest.routes import RouteConfig, hot_path, make_app
+from ingest.shutdown import Shutdown
+from ingest.spool_stage import NoSpool, SpoolStage
+from ingest.spool_writer import SpoolWriter
+from ingest.store import Store, WriteResult
+from ingest.supervisor import Supervisor
+from ingest.tls import server_context
+
+LOOKUP_TIMEOUT_S = 2.0  # a receipt the database does not give in this time comes from the ledger
+ENQUEUE_THREADS = 32  # puts that wait for room, off the event loop
+LOOKUP_THREADS = 2  # receipt lookups and the dead-letters count: a stalled database holds no enqueue
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """This process is worker `index` of `ingest serve --workers N` (workers.py): it shares the
+    port, and serves its metrics on a unix socket in `socket_dir` for its siblings to add up."""
+
+    index: int
+    socket_dir: str
+    restarts: int = 0  # workers the parent has replaced so far, shown as ingest_worker_restarts
+    # Set by the parent once every worker has started. Until then /readyz says not ready: a
+    # client that connected to the first worker up would keep its connections there (the
+    # kernel spreads connections among the sockets bound at the time), and one worker would
+    # serve them all. None: no such wait (tests that make a slot by hand).
+    all_started: EventLike | None = None
+
+    @property
+    def socket(self) -> str:
+        return str(Path(self.socket_dir) / f"worker-{self.index}.sock")
+
+
+class MakeConsumer(Protocol):
+    def __call__(self, name: str, startup: threading.Barrier | None = None) -> ConsumerThread: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class Parts:
+    """A service's parts, built and connected; the lifecycle (service.py) starts and stops them."""
+
+    settings: Settings
+    shutdown: Shutdown
+    metrics: Metrics
+    tokens: Tokens | None
+    buffer: Buffer
+    pool: ConnectionPool
+    store: Store
+    spool: SpoolStage | NoSpool
+    throughput: Throughput
+    ledger: Ledger
+    consumer_names: list[str]
+    make_consumer: MakeConsumer
+    supervisor: Supervisor
+    enqueue: ThreadPoolExecutor
+    lookups: ThreadPoolExecutor
+    guard: ConnectionGuard
+    listener: ListenerThread
+    scheme: str
+    unprotected_warning: str | None
+    health: Health
+    chores: Chores
+
+
+def build(settings: Settings, shutdown: Shutdown, worker: WorkerSlot | None = None) -> Parts:
+    consumer_names = [f"consumer-{n}" for n in range(1, settings.consumers + 1)]
+    metrics = Metrics(consumer_names)
+    tokens = Tokens(Path(settings.auth_tokens)) if settings.auth_tokens is not None else None
+    if tokens is not None:
+        metrics.add_clients([*tokens.names(), UNKNOWN])
+    buffer = Buffer(settings.queue_size)
+    pool = ConnectionPool(settings.db_url, settings.pool_size, statement_timeout_s=settings.statement_timeout_s)
+    # The readiness probe's own connection: a busy pool never looks like a dead database.
+    probe_pool = ConnectionPool(settings.db_url, 1, statement_timeout_s=PROBE_TIMEOUT_S,
+                                connect_timeout_s=int(PROBE_TIMEOUT_S))
+    store = Store(pool, metrics, shutdown.hard_stop)
+    throughput = Throughput()
+    ledger = Ledger()
+    enqueue = ThreadPoolExecutor(max_workers=ENQUEUE_THREADS, thread_name_prefix="enqueue")
+    lookups = ThreadPoolExecutor(max_workers=LOOKUP_THREADS, thread_name_prefix="receipts")
+    spool: SpoolStage | NoSpool
+    intake: Intake
+    if settings.spool is not None:
+        writer = SpoolWriter(Path(settings.spool), sync=settings.spool_sync, max_bytes=settings.spool_max_bytes)
+        spool = SpoolStage(writer, buffer=buffer, batch_size=settings.batch_size, hard_stop=shutdown.hard_stop,
+                           ledger=ledger)
+        intake = SpoolIntake(writer, retry_after_s=throughput.retry_after_s)
+    else:
+        spool = NoSpool()
+        intake = BufferIntake(buffer, executor=enqueue, enqueue_timeout_s=settings.enqueue_timeout_s,
+                              retry_after_s=throughput.retry_after_s)
+    after_commit = _after_commit(throughput, spool)
+    make_consumer = _consumer_factory(settings, shutdown, buffer, store, metrics, ledger, after_commit)
+    supervisor = Supervisor(make_consumer, metrics.thread_errors, metrics.consumer_restarts,
+                            {"listener", *consumer_names})
+    guard = ConnectionGuard(
+        max_connections=settings.max_connections, header_timeout_s=settings.header_timeout_s, metrics=metrics
+    )
+    health = Health(
+        spool_threads=spool.threads, supervisor=supervisor, consumers=settings.consumers, store=store,
+        stopping=shutdown.stopping, siblings_started=worker.all_started if worker is not None else None,
+    )
+    unprotected_warning = _unprotected_warning(settings, tokens)
+    routes = RouteConfig(
+        intake=intake,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        default_ack=settings.ack,
+        id_field=settings.id_field,
+        identities=Generator(),
+        tokens=tokens,
+        metrics_token=settings.metrics_token,
+        unprotected_warning=unprotected_warning,
+        guard=guard,
+        body_timeout_s=settings.body_timeout_s,
+        ledger=ledger,
+        lookup_receipt=lambda request_id: receipt_rows.lookup(pool, request_id),
+        lookups=lookups,
+        lookup_timeout_s=LOOKUP_TIMEOUT_S,
+        merge_metrics=_merger(worker) if worker is not None else None,
+        rate_limiter=(
+            RateLimiter(settings.rate_limit, settings.rate_burst or settings.rate_limit)
+            if settings.rate_limit is not None else None
+        ),
+        is_stopping=shutdown.stopping.is_set,
+        is_healthy=health.healthy,
+        not_ready=health.not_ready,
+    )
+    ssl_context = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        ssl_context = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    listener = ListenerThread(
+        make_app(routes), settings.host, settings.port, hot_path=hot_path(routes),
+        shutdown_timeout_s=settings.drain_timeout_s, guard=guard,
+        keepalive_timeout_s=settings.keepalive_timeout_s, ssl_context=ssl_context,
+        reuse_port=worker is not None, new_loop=loop_factory(settings.event_loop),
+        private_metrics=(worker.socket, lambda: generate_latest(metrics.registry)) if worker is not None else None,
+    )
+    health.watch(listener)
+    chores = Chores(store=store, pool=pool, probe_pool=probe_pool, metrics=metrics, shutdown=shutdown, tokens=tokens,
+                    lookups=lookups)
+    parts = Parts(
+        settings=settings, shutdown=shutdown, metrics=metrics, tokens=tokens, buffer=buffer, pool=pool, store=store,
+        spool=spool, throughput=throughput, ledger=ledger, consumer_names=consumer_names,
+        make_consumer=make_consumer, supervisor=supervisor, enqueue=enqueue, lookups=lookups, guard=guard,
+        listener=listener, scheme="https" if ssl_context is not None else "http",
+        unprotected_warning=unprotected_warning, health=health, chores=chores,
+    )
+    _wire_gauges(parts, worker)
+    return parts
+
+
+def _consumer_factory(
+    settings: Settings, shutdown: Shutdown, buffer: Buffer, store: Store, metrics: Metrics, ledger: Ledger,
+    after_commit: Callable[[list[Message], WriteResult], None],
+) -> MakeConsumer:
+    def make(name: str, startup: threading.Barrier | None = None) -> ConsumerThread:
+        return ConsumerThread(
+            name, buffer=buffer, store=store, metrics=metrics, ledger=ledger, batch_size=settings.batch_size,
+            linger_s=settings.batch_linger_s, hard_stop=shutdown.hard_stop, startup=startup, after_commit=after_commit,
+        )
+
+    return make
+
+
+def _after_commit(throughput: Throughput, spool: SpoolStage | NoSpool) -> Callable[[list[Message], WriteResult], None]:
+    """What else a consumer does once its batch is in the database: pace the Retry-After, free
+    the spool's rows."""
+
+    def settled(batch: list[Message], result: WriteResult) -> None:
+        throughput.record(len(batch))
+        spool.forget(batch)
+
+    return settled
+
+
+def _merger(worker: WorkerSlot) -> Callable[[str], Awaitable[str]]:
+    async def merge(own: str) -> str:
+        return metrics_merge.merge(await metrics_merge.gather(worker.socket_dir, worker.socket, own))
+
+    return merge
+
+
+def _unprotected_warning(settings: Settings, tokens: Tokens | None) -> str | None:
+    """Said at start and by /readyz when anyone who can reach a non-loopback port may push."""
+    if tokens is not None or _loopback(settings.host):
+        return None
+    return f"no --auth-tokens: anyone who can reach {settings.host} may push messages"
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def _wire_gauges(parts: Parts, worker: WorkerSlot | None) -> None:
+    m, settings, pool = parts.metrics, parts.settings, parts.pool
+    m.queue_depth.set_function(parts.buffer.depth)
+    m.queue_capacity.set(settings.queue_size)
+    m.pool_size.set(settings.pool_size)
+    m.pool_in_use.set_function(lambda: pool.in_use)
+    m.pool_waiting.set_function(lambda: pool.waiting)
+    m.consumers_alive.set_function(parts.supervisor.alive)
+    m.consumers_configured.set(settings.consumers)
+    m.http_connections.set_function(lambda: parts.guard.open_connections)
+    m.requests_in_flight.set_function(lambda: len(parts.ledger))
+    m.worker_restarts.set(worker.restarts if worker is not None else 0)
+    if isinstance(parts.spool, SpoolStage):
+        writer = parts.spool.writer
+        m.spool_messages.set_function(lambda: writer.messages)
+        m.spool_bytes.set_function(lambda: writer.bytes)
+        m.spool_capacity_bytes.set(writer.max_bytes)
