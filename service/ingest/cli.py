@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from ingest import migrate
-from ingest.config import Settings, load_config_file, mask_url
+from ingest.config import Settings, SettingSpec, load_config_file, mask_url, setting_specs
 from ingest.errors import ConfigError, IngestError, SpoolError
 
 EXIT_FAILURE = 1
@@ -41,89 +41,17 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
-def _option(*decls: str, envvar: str, help: str, **kwargs: Any) -> Decorator:
-    return click.option(*decls, envvar=envvar, show_envvar=True, show_default=True, help=help, **kwargs)
+def _settings_option(spec: SettingSpec) -> Decorator:
+    """One Settings field as a click option; the field's metadata is all it takes."""
+    return click.option(spec.flag, spec.name, envvar=spec.envvar, show_envvar=True, show_default=True,
+                        type=None if spec.type is bool else spec.type, default=spec.default, help=spec.help)
 
 
 SETTINGS_OPTIONS: list[Decorator] = [
     click.option("--config", "config_file", envvar="INGEST_CONFIG", show_envvar=True, is_eager=True,
                  expose_value=False, callback=_load_config, type=click.Path(dir_okay=False),
                  help="TOML file of settings (see config/ingest.example.toml)."),
-    _option("--host", "host", envvar="INGEST_HOST", default=_DEFAULTS.host, help="Address to listen on."),
-    _option("--port", "port", envvar="INGEST_PORT", type=int, default=_DEFAULTS.port,
-            help="Port to listen on (0: any free port)."),
-    _option("--db", "db_url", envvar="INGEST_DB_URL", default=_DEFAULTS.db_url,
-            help="sqlite:///file.db or postgresql+psycopg://user@host/db"),
-    _option("--consumers", "consumers", envvar="INGEST_CONSUMERS", type=int, default=_DEFAULTS.consumers,
-            help="Consumer threads writing batches."),
-    _option("--workers", "workers", envvar="INGEST_WORKERS", type=int, default=_DEFAULTS.workers,
-            help="Processes sharing the port (SO_REUSEPORT), each a whole pipeline with --consumers "
-                 "threads; /metrics adds them up. More than 1 needs a fixed --port and no --spool."),
-    _option("--pin-workers/--no-pin-workers", "pin_workers", envvar="INGEST_PIN_WORKERS",
-            default=_DEFAULTS.pin_workers,
-            help="With --workers: each worker process keeps to one CPU of those this process may use "
-                 "(round robin), so its listener and consumers hand the GIL over on one core."),
-    _option("--queue-size", "queue_size", envvar="INGEST_QUEUE_SIZE", type=int, default=_DEFAULTS.queue_size,
-            help="Buffer capacity, in messages."),
-    _option("--enqueue-timeout", "enqueue_timeout_s", envvar="INGEST_ENQUEUE_TIMEOUT", type=float,
-            default=_DEFAULTS.enqueue_timeout_s, help="Seconds a request waits for room before 503."),
-    _option("--batch-size", "batch_size", envvar="INGEST_BATCH_SIZE", type=int, default=_DEFAULTS.batch_size,
-            help="Most messages one transaction writes."),
-    _option("--batch-linger", "batch_linger_s", envvar="INGEST_BATCH_LINGER", type=float,
-            default=_DEFAULTS.batch_linger_s, help="Seconds a consumer waits to fill a batch."),
-    _option("--pool-size", "pool_size", envvar="INGEST_POOL_SIZE", type=int, default=_DEFAULTS.pool_size,
-            help="Database connections (a BoundedSemaphore)."),
-    _option("--drain-timeout", "drain_timeout_s", envvar="INGEST_DRAIN_TIMEOUT", type=float,
-            default=_DEFAULTS.drain_timeout_s, help="Seconds shutdown may spend draining the buffer."),
-    _option("--statement-timeout", "statement_timeout_s", envvar="INGEST_STATEMENT_TIMEOUT", type=float,
-            default=_DEFAULTS.statement_timeout_s,
-            help="Seconds a database call (a batch's write) may take; past it (plus 1 s) with no answer, "
-                 "its connection is cut and the write retried on a fresh one."),
-    _option("--ack", "ack", envvar="INGEST_ACK", default=_DEFAULTS.ack,
-            help="Default acknowledgement: enqueue (202) or commit (201 after the commit)."),
-    _option("--max-body-bytes", "max_body_bytes", envvar="INGEST_MAX_BODY_BYTES", type=int,
-            default=_DEFAULTS.max_body_bytes, help="Largest request body, also after decompression."),
-    _option("--auth-tokens", "auth_tokens", envvar="INGEST_AUTH_TOKENS", default=None,
-            help="A file of name:token lines: POST /messages then needs Authorization: Bearer <token>. "
-                 "SIGHUP reloads it."),
-    _option("--max-connections", "max_connections", envvar="INGEST_MAX_CONNECTIONS", type=int,
-            default=_DEFAULTS.max_connections, help="Client connections open at once; more are closed at once."),
-    _option("--header-timeout", "header_timeout_s", envvar="INGEST_HEADER_TIMEOUT", type=float,
-            default=_DEFAULTS.header_timeout_s, help="Seconds a connection has to send a request's headers."),
-    _option("--body-timeout", "body_timeout_s", envvar="INGEST_BODY_TIMEOUT", type=float,
-            default=_DEFAULTS.body_timeout_s, help="Seconds a request has to send its body; then 408."),
-    _option("--keepalive-timeout", "keepalive_timeout_s", envvar="INGEST_KEEPALIVE_TIMEOUT", type=float,
-            default=_DEFAULTS.keepalive_timeout_s, help="Seconds an idle keep-alive connection stays open."),
-    _option("--event-loop", "event_loop", envvar="INGEST_EVENT_LOOP", default=_DEFAULTS.event_loop,
-            help="The listener's asyncio loop: uvloop (libuv; a 1-message request costs the listener "
-                 "less CPU) or asyncio (the standard library's)."),
-    _option("--rate-limit", "rate_limit", envvar="INGEST_RATE_LIMIT", type=float, default=None,
-            help="Messages a second each client may send (by token name, or by address without tokens); "
-                 "over it, 429 with Retry-After."),
-    _option("--rate-burst", "rate_burst", envvar="INGEST_RATE_BURST", type=float, default=None,
-            help="Messages a client may send at once above its rate (default: one second's worth)."),
-    _option("--tls-cert", "tls_cert", envvar="INGEST_TLS_CERT", default=None,
-            help="Serve HTTPS with this certificate (PEM; with --tls-key)."),
-    _option("--tls-key", "tls_key", envvar="INGEST_TLS_KEY", default=None, help="The certificate's private key (PEM)."),
-    _option("--tls-client-ca", "tls_client_ca", envvar="INGEST_TLS_CLIENT_CA", default=None,
-            help="Mutual TLS: clients must present a certificate signed by this CA (PEM)."),
-    _option("--metrics-token", "metrics_token", envvar="INGEST_METRICS_TOKEN", default=None,
-            help="A token /metrics asks for (Authorization: Bearer). /healthz and /readyz stay open."),
-    _option("--spool", "spool", envvar="INGEST_SPOOL", default=None,
-            help="A spool file (SQLite): reply 202 only once a request is on disk here, and absorb bursts "
-                 "larger than the queue. Default: no spool, 202 means in memory."),
-    _option("--spool-sync", "spool_sync", envvar="INGEST_SPOOL_SYNC", default=_DEFAULTS.spool_sync,
-            help="full: a 202 survives a power cut (fsync each commit); normal: it survives the process dying."),
-    _option("--spool-max-bytes", "spool_max_bytes", envvar="INGEST_SPOOL_MAX_BYTES", type=int,
-            default=_DEFAULTS.spool_max_bytes, help="Bound of the spool; when full, requests get 503."),
-    _option("--id-field", "id_field", envvar="INGEST_ID_FIELD", default=None,
-            help="A field of every message that is its identity: a message whose identity is stored is "
-                 "not stored again. Default: each message gets a new identity (or one from the "
-                 "request's Idempotency-Key)."),
-    _option("--migrate/--no-migrate", "migrate", envvar="INGEST_MIGRATE", default=_DEFAULTS.migrate,
-            help="Upgrade the schema on start."),
-    _option("--log-level", "log_level", envvar="INGEST_LOG_LEVEL", default=_DEFAULTS.log_level,
-            help="debug, info, warning or error."),
+    *(_settings_option(spec) for spec in setting_specs()),
 ]
 
 
