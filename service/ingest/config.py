@@ -1,17 +1,19 @@
 """Settings: the one place that knows option names, defaults and what a valid value is.
 
 Values arrive from four sources, lowest first: defaults < config file (TOML) < environment
-(`INGEST_*`) < command-line flags. click resolves the last three (cli.py); `Settings.from_mapping`
-validates the result once, so every stage downstream receives plain, checked values.
+(`INGEST_*`) < command-line flags. click resolves the last three (ingest.cli, which builds its
+options from `setting_specs()`); `Settings.from_mapping` validates the result once, so every stage
+downstream receives plain, checked values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -23,44 +25,71 @@ SPOOL_SYNC_MODES = ("full", "normal")
 EVENT_LOOPS = ("uvloop", "asyncio")
 SUPPORTED_DRIVERS = {"sqlite": ("", "pysqlite"), "postgresql": ("psycopg",)}
 
+T = TypeVar("T")
+
+
+def setting(default: T, help: str, *, flag: str | None = None) -> T:
+    """A Settings field that also carries its command-line help; flag and env var follow from its name."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Every setting of `ingest serve`, validated. Durations are seconds (`_s`)."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    db_url: str = "sqlite:///ingest.db"
-    consumers: int = 4
-    workers: int = 1
-    pin_workers: bool = False
-    queue_size: int = 10_000
-    enqueue_timeout_s: float = 1.0
-    batch_size: int = 1000
-    batch_linger_s: float = 0.05
-    pool_size: int = 4
-    drain_timeout_s: float = 30.0
-    statement_timeout_s: float = 60.0
-    ack: str = "enqueue"
-    max_body_bytes: int = 1024 * 1024
-    id_field: str | None = None
-    auth_tokens: str | None = None
-    max_connections: int = 1000
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    keepalive_timeout_s: float = 15.0
-    event_loop: str = "uvloop"
-    rate_limit: float | None = None
-    rate_burst: float | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    metrics_token: str | None = None
-    spool: str | None = None
-    spool_sync: str = "full"
-    spool_max_bytes: int = 1024**3
-    migrate: bool = True
-    log_level: str = "info"
+    host: str = setting("127.0.0.1", "Address to listen on.")
+    port: int = setting(8080, "Port to listen on (0: any free port).")
+    db_url: str = setting("sqlite:///ingest.db", "sqlite:///file.db or postgresql+psycopg://user@host/db", flag="--db")
+    consumers: int = setting(4, "Consumer threads writing batches.")
+    workers: int = setting(
+        1, "Processes sharing the port (SO_REUSEPORT), each a whole pipeline with --consumers threads; "
+           "/metrics adds them up. More than 1 needs a fixed --port and no --spool.")
+    pin_workers: bool = setting(
+        False, "With --workers: each worker process keeps to one CPU of those this process may use (round robin), "
+               "so its listener and consumers hand the GIL over on one core.")
+    queue_size: int = setting(10_000, "Buffer capacity, in messages.")
+    enqueue_timeout_s: float = setting(1.0, "Seconds a request waits for room before 503.")
+    batch_size: int = setting(1000, "Most messages one transaction writes.")
+    batch_linger_s: float = setting(0.05, "Seconds a consumer waits to fill a batch.")
+    pool_size: int = setting(4, "Database connections (a BoundedSemaphore).")
+    drain_timeout_s: float = setting(30.0, "Seconds shutdown may spend draining the buffer.")
+    statement_timeout_s: float = setting(
+        60.0, "Seconds a database call (a batch's write) may take; past it (plus 1 s) with no answer, "
+              "its connection is cut and the write retried on a fresh one.")
+    ack: str = setting("enqueue", "Default acknowledgement: enqueue (202) or commit (201 after the commit).")
+    max_body_bytes: int = setting(1024 * 1024, "Largest request body, also after decompression.")
+    auth_tokens: str | None = setting(
+        None, "A file of name:token lines: POST /messages then needs Authorization: Bearer <token>. "
+              "SIGHUP reloads it.")
+    max_connections: int = setting(1000, "Client connections open at once; more are closed at once.")
+    header_timeout_s: float = setting(10.0, "Seconds a connection has to send a request's headers.")
+    body_timeout_s: float = setting(30.0, "Seconds a request has to send its body; then 408.")
+    keepalive_timeout_s: float = setting(15.0, "Seconds an idle keep-alive connection stays open.")
+    event_loop: str = setting(
+        "uvloop", "The listener's asyncio loop: uvloop (libuv; a 1-message request costs the listener less CPU) "
+                  "or asyncio (the standard library's).")
+    rate_limit: float | None = setting(
+        None, "Messages a second each client may send (by token name, or by address without tokens); "
+              "over it, 429 with Retry-After.")
+    rate_burst: float | None = setting(
+        None, "Messages a client may send at once above its rate (default: one second's worth).")
+    tls_cert: str | None = setting(None, "Serve HTTPS with this certificate (PEM; with --tls-key).")
+    tls_key: str | None = setting(None, "The certificate's private key (PEM).")
+    tls_client_ca: str | None = setting(
+        None, "Mutual TLS: clients must present a certificate signed by this CA (PEM).")
+    metrics_token: str | None = setting(
+        None, "A token /metrics asks for (Authorization: Bearer). /healthz and /readyz stay open.")
+    spool: str | None = setting(
+        None, "A spool file (SQLite): reply 202 only once a request is on disk here, and absorb bursts larger "
+              "than the queue. Default: no spool, 202 means in memory.")
+    spool_sync: str = setting(
+        "full", "full: a 202 survives a power cut (fsync each commit); normal: it survives the process dying.")
+    spool_max_bytes: int = setting(1024**3, "Bound of the spool; when full, requests get 503.")
+    id_field: str | None = setting(
+        None, "A field of every message that is its identity: a message whose identity is stored is not stored "
+              "again. Default: each message gets a new identity (or one from the request's Idempotency-Key).")
+    migrate: bool = setting(True, "Upgrade the schema on start.")
+    log_level: str = setting("info", "debug, info, warning or error.")
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> Settings:
@@ -127,6 +156,42 @@ class Settings:
         if self.metrics_token is not None:
             shown["metrics_token"] = "***"
         return shown
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """How one setting appears outside the code: plain data, so this module needs no click."""
+
+    name: str
+    flag: str  # "--queue-size"; a bool is "--migrate/--no-migrate"
+    envvar: str
+    help: str
+    default: Any
+    type: type  # of the value, None aside: str, int, float or bool
+
+
+def setting_specs() -> list[SettingSpec]:
+    """Every setting in field order. The env var is INGEST_ + the name without its `_s` suffix."""
+    hints = typing.get_type_hints(Settings)
+    specs = []
+    for field in dataclasses.fields(Settings):
+        stem = field.name.removesuffix("_s")
+        value_type = _value_type(hints[field.name])
+        dashed = stem.replace("_", "-")
+        flag = f"--{dashed}/--no-{dashed}" if value_type is bool else f"--{dashed}"
+        specs.append(SettingSpec(
+            name=field.name, flag=field.metadata.get("flag") or flag, envvar=f"INGEST_{stem.upper()}",
+            help=field.metadata["help"], default=field.default, type=value_type,
+        ))
+    return specs
+
+
+def _value_type(hint: object) -> type:
+    """int from `int`, str from `str | None`."""
+    types = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
+    if len(types) != 1 or not isinstance(types[0], type):
+        raise TypeError(f"a setting holds one plain type, not {hint!r}")
+    return types[0]
 
 
 def _check_port(port: int) -> None:

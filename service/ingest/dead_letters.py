@@ -3,7 +3,7 @@
 A replay moves one letter at a time, each in its own transaction: the letter is deleted first
 (so two replays at once cannot both take it), then its message is inserted unless its identity
 is already stored, then its request's receipt moves it from dead-lettered to stored. A letter the
-database refuses again stays, with the new error. Functions here return data; cli.py prints.
+database refuses again stays, with the new error. Functions here return data; ingest.cli.database prints.
 """
 
 from __future__ import annotations
