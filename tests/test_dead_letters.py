@@ -441,14 +441,16 @@ def test_a_database_without_the_tables_says_to_upgrade(db_url, make_engine, caps
     code, _, err = cli(capsys, "list", "--db", db_url)
     assert code == 1
     assert one_line_error(err).endswith(
-        ": schema is not at head (missing messages, dead_letters, requests): run `ingest db upgrade`"
+        ": schema is at revision none, this ingest needs 0003 (missing messages, dead_letters, requests): "
+        "run `ingest db upgrade`"
     )
 
     migrate.upgrade(engine, "0002")  # before receipts and dead-letter identities
     code, _, err = cli(capsys, "replay", "--db", db_url, "--all")
     assert code == 1
     assert one_line_error(err).endswith(
-        ": schema is not at head (missing dead_letters.ident, dead_letters.request, requests): run `ingest db upgrade`"
+        ": schema is at revision 0002, this ingest needs 0003 "
+        "(missing dead_letters.ident, dead_letters.request, requests): run `ingest db upgrade`"
     )
 
 

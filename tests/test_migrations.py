@@ -40,8 +40,8 @@ def test_serve_without_migrations_on_empty_database_says_what_to_do(sqlite_url) 
     )
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == (
-        "ingest: error: database schema is at revision none, this ingest needs 0003: "
-        "run `ingest db upgrade` or start without --no-migrate"
+        "ingest: error: database schema is at revision none, this ingest needs 0003 "
+        "(missing messages, dead_letters, requests): run `ingest db upgrade` or start without --no-migrate"
     )
 
 

@@ -18,10 +18,11 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ingest.auth import Tokens
+from ingest.errors import first_line
 from ingest.metrics import Metrics
 from ingest.pool import ConnectionPool
 from ingest.shutdown import Shutdown
-from ingest.store import Store, first_line
+from ingest.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from ingest.errors import ConfigError
+from ingest.vocabulary import ACK_MODES, SPOOL_SYNC_MODES
 
-ACK_MODES = ("enqueue", "commit")
-SPOOL_SYNC_MODES = ("full", "normal")
 EVENT_LOOPS = ("uvloop", "asyncio")
 SUPPORTED_DRIVERS = {"sqlite": ("", "pysqlite"), "postgresql": ("psycopg",)}
 

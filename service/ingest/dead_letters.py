@@ -11,19 +11,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, case, cast, delete, func, inspect, literal, select, text, true, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import delete, func, select, true, update
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.types import Text
 
-from ingest.errors import IngestError, PermanentStoreError, TransientStoreError
-from ingest.store import classify, first_line
-from ingest.tables import dead_letters, messages, requests
+from ingest import receipt_rows
+from ingest.errors import PermanentStoreError, TransientStoreError, first_line
+from ingest.messages import Message
+from ingest.store import classify, insert_unless_stored
+from ingest.tables import dead_letters
 
 WHEN_FORMS = (
     "an ISO 8601 date or datetime (naive = UTC), e.g. 2026-11-27 or 2026-11-27T08:00:00Z, "
@@ -32,17 +30,6 @@ WHEN_FORMS = (
 _DURATION = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 # What this module reads and writes; a database missing any of it is not at head.
-_NEEDED: dict[Table, tuple[str, ...]] = {
-    messages: ("id", "received_at", "payload", "ident"),
-    dead_letters: ("id", "received_at", "failed_at", "payload", "error", "ident", "request"),
-    requests: ("id", "accepted", "stored", "dead_lettered"),
-}
-
-
-class SchemaNotReady(IngestError):
-    """The database has no ingest schema, or one older than this ingest."""
-
-
 def parse_when(value: str, now: datetime) -> datetime:
     """An aware UTC moment from an ISO 8601 date/datetime (naive = UTC) or a duration before `now`."""
     value = value.strip()
@@ -139,25 +126,6 @@ class ReplayResult:
         return self.stored + self.already_stored + len(self.refused)
 
 
-def check_schema(engine: Engine) -> None:
-    """Raise SchemaNotReady naming what is missing, before any command touches a table."""
-    url = engine.url
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
-        # Connecting would create an empty file: say there is no database instead.
-        raise SchemaNotReady("no such database file: run `ingest db upgrade`")
-    inspector = inspect(engine)
-    tables = set(inspector.get_table_names())
-    missing: list[str] = []
-    for table, columns in _NEEDED.items():
-        if table.name not in tables:
-            missing.append(table.name)
-            continue
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        missing.extend(f"{table.name}.{c}" for c in columns if c not in present)
-    if missing:
-        raise SchemaNotReady(f"schema is not at head (missing {', '.join(missing)}): run `ingest db upgrade`")
-
-
 def list_letters(engine: Engine, *, since: datetime | None = None, limit: int = 100) -> Page:
     """Letters that failed at or after `since`, oldest first, at most `limit` of them."""
     where = _failed_since(since)
@@ -202,7 +170,7 @@ def _replay_one(engine: Engine, letter_id: int, result: ReplayResult) -> None:
                 return
             stored = _insert_message(conn, letter)
             if letter.request is not None:
-                _move_receipt(conn, letter.request)
+                receipt_rows.move_to_stored(conn, letter.request)
     except Exception as exc:
         if classify(exc) is not PermanentStoreError:
             raise
@@ -219,30 +187,9 @@ def _replay_one(engine: Engine, letter_id: int, result: ReplayResult) -> None:
 
 
 def _insert_message(conn: Connection, letter: Row[Any]) -> bool:
-    """Insert unless the identity is stored; True when a row was written."""
-    postgres = conn.dialect.name == "postgresql"
-    raw = literal(letter.payload, Text())
-    # A text bind, not the column's JSON type, which would encode the text as a JSON string.
-    payload = cast(raw, JSONB()) if postgres else raw
-    insert = (postgresql.insert if postgres else sqlite.insert)(messages)
-    statement = (
-        insert.values(received_at=letter.received_at, payload=payload, ident=letter.ident)
-        .on_conflict_do_nothing(index_elements=["ident"], index_where=text("ident IS NOT NULL"))
-        .returning(messages.c.id)
-    )
-    return conn.execute(statement).first() is not None
-
-
-def _move_receipt(conn: Connection, request: str) -> None:
-    """One message of the request moves from dead-lettered to stored, neither past its bounds."""
-    conn.execute(
-        update(requests)
-        .where(requests.c.id == request)
-        .values(
-            dead_lettered=case((requests.c.dead_lettered > 0, requests.c.dead_lettered - 1), else_=0),
-            stored=case((requests.c.stored < requests.c.accepted, requests.c.stored + 1), else_=requests.c.stored),
-        )
-    )
+    """Insert unless the identity is stored (the store's own way); True when a row was written."""
+    message = Message(letter.payload, utc(letter.received_at).timestamp(), ident=letter.ident)
+    return bool(insert_unless_stored(conn, [message]))
 
 
 def count_before(engine: Engine, before: datetime) -> int:

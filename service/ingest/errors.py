@@ -5,17 +5,27 @@
     ├── Rejected                    the client sent something we will not take (4xx)
     │   ├── Invalid                 400: malformed JSON, a non-object message
     │   ├── TooLarge                413: body over max_body_bytes (after decompression too)
+    │   ├── Unauthorized            401: no valid bearer token
+    │   ├── RequestTimeout          408: the body did not arrive within the body timeout
     │   └── Unsupported             415: content type or encoding we do not read
     ├── Backpressure                the service cannot take it now (503 + Retry-After)
     │   ├── QueueFull               no room in the buffer within enqueue_timeout
-    │   └── ShuttingDown            the service is draining
+    │   ├── ShuttingDown            the service is draining
+    │   ├── SpoolFull               the spool is at its byte bound
+    │   ├── SpoolUnavailable        the spool could not commit (a full disk, an I/O error)
+    │   └── RateLimited             429: the client is over its rate limit
     ├── StoreError                  a batch could not be written
     │   ├── TransientStoreError     retry: connection lost, serialization failure, locked
-    │   └── PermanentStoreError     the database refuses the data: isolate and dead-letter
+    │   ├── PermanentStoreError     the database refuses the data: isolate and dead-letter
+    │   └── WriteFailed             (messages.py) an ack=commit request's messages not all stored: 500
+    ├── SpoolError                  a spool file that is damaged, foreign or of another version
+    ├── SchemaNotReady              the database is not at this ingest's schema revision
     ├── StartupError                the service could not start (bind, database, schema)
     └── ClientError                 `ingest push` / `ingest top` could not reach or use a service
 
-Driver errors are mapped into StoreError at one boundary (store.py), by class, never by text.
+Each refusal names its `reason` (the label of ingest_messages_rejected_total; vocabulary.py reads
+them off these classes). Driver errors are mapped into StoreError at one boundary (store.py), by
+class, never by text. `first_line` shortens any error to one line, the one way ingest does.
 """
 
 from __future__ import annotations
@@ -129,9 +139,22 @@ class SpoolError(IngestError):
     """The spool file cannot be used: damaged, foreign, or written by another format version."""
 
 
+class SchemaNotReady(IngestError):
+    """The database has no ingest schema, or one at another revision than this ingest's."""
+
+
 class StartupError(IngestError):
     """The service could not start; the message says what to fix."""
 
 
 class ClientError(IngestError):
     """A client command could not reach or use a service."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An error in one line, enough to act on: the class (the driver's, under SQLAlchemy's
+    wrapper) and the first line of its message. The one way ingest shortens an error for a log
+    line, a 503's reason or a one-line exit; never an IndexError on an empty message."""
+    original = getattr(exc, "orig", None) or exc
+    text = str(original).strip()
+    return f"{type(original).__name__}: {text.splitlines()[0] if text else '(no message)'}"

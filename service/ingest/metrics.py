@@ -12,9 +12,9 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from ingest.vocabulary import REJECT_REASONS
+
 ANONYMOUS = "anonymous"  # the client label when no token file is configured
-REJECT_REASONS = ("invalid", "too_large", "unsupported", "queue_full", "shutting_down", "spool_full", "spool_error",
-                  "unauthorized", "rate_limited", "timeout")
 HTTP_CODES = ("200", "201", "202", "400", "401", "404", "405", "408", "413", "415", "429", "500", "503")
 THREADS = ("listener", "other")
 

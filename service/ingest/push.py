@@ -25,8 +25,8 @@ import yarl
 
 from ingest.errors import ClientError, ConfigError
 from ingest.report import PushSummary, Receipts
+from ingest.vocabulary import ACK_MODES
 
-ACKS = ("enqueue", "commit")
 BURST_INTERVAL_S = 1.0
 RETRY_AFTER_DEFAULT_S = 1.0
 RETRY_AFTER_CAP_S = 30.0
@@ -83,7 +83,7 @@ def _problem(o: PushOptions) -> str | None:
         (o.concurrency >= 1, f"concurrency must be >= 1, got {o.concurrency}"),
         (rate_ok, f"rate must be a positive number of messages/s, got {o.rate}"),
         (o.burst >= 0, f"burst must be >= 0, got {o.burst}"),
-        (o.ack in ACKS, f"ack must be one of {', '.join(ACKS)}, got {o.ack!r}"),
+        (o.ack in ACK_MODES, f"ack must be one of {', '.join(ACK_MODES)}, got {o.ack!r}"),
         (o.request_timeout_s > 0, f"request_timeout_s must be > 0, got {o.request_timeout_s}"),
         (o.max_attempts >= 1, f"max_attempts must be >= 1, got {o.max_attempts}"),
         (o.receipt_timeout_s > 0, f"receipt_timeout_s must be > 0, got {o.receipt_timeout_s}"),

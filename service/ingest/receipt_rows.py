@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -112,6 +112,19 @@ def _text_array(values: list[str]) -> str:
     if "\\" in joined or joined.count('"') != 2 * (len(values) - 1):
         joined = '","'.join(v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
     return '{"' + joined + '"}'
+
+
+def move_to_stored(conn: Connection, request_id: str) -> None:
+    """One message of the request moves from dead-lettered to stored (a replayed dead letter),
+    neither count past its bounds."""
+    conn.execute(
+        update(requests)
+        .where(requests.c.id == request_id)
+        .values(
+            dead_lettered=case((requests.c.dead_lettered > 0, requests.c.dead_lettered - 1), else_=0),
+            stored=case((requests.c.stored < requests.c.accepted, requests.c.stored + 1), else_=requests.c.stored),
+        )
+    )
 
 
 def lookup(pool: ConnectionPool, request_id: str) -> Counts | None:

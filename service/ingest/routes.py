@@ -32,6 +32,7 @@ from ingest.errors import (
     ShuttingDown,
     TooLarge,
     Unauthorized,
+    first_line,
 )
 from ingest.guard import ConnectionGuard
 from ingest.identity import IDEMPOTENCY_HEADER, Generator, checked_key, from_field, from_key
@@ -40,6 +41,7 @@ from ingest.messages import Message, WriteFailed
 from ingest.metrics import ANONYMOUS, Metrics
 from ingest.ratelimit import RateLimiter
 from ingest.receipts import REQUEST_ID_HEADER, Counts, Ledger, is_sane
+from ingest.vocabulary import ACK_MODES
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +205,7 @@ async def post_messages(config: RouteConfig, request: web.Request) -> web.Respon
     client = _client(config, request)
     # Parsed only when there is one: an empty query cost every request 2,200 instructions (callgrind).
     ack_mode = request.query.get("ack", config.default_ack) if "?" in request.raw_path else config.default_ack
-    if ack_mode not in ("enqueue", "commit"):
+    if ack_mode not in ACK_MODES:
         raise Invalid(f"ack must be enqueue or commit, not {ack_mode!r}")
     if config.is_stopping():
         raise ShuttingDown("service is shutting down")
@@ -262,7 +264,7 @@ async def get_request(request: web.Request) -> web.Response:
             config.lookup_timeout_s,
         )
     except Exception as exc:  # noqa: BLE001 - a database that does not answer: say what we know here
-        log.warning("receipt lookup of %s failed: %s", request_id, _reason(exc))
+        log.warning("receipt lookup of %s failed: %s", request_id, first_line(exc))
         counts = config.ledger.lookup(request_id) or in_flight
         if counts is None:
             return error_response(503, "the database did not answer; try again", retry_after_s=5)
@@ -272,11 +274,6 @@ async def get_request(request: web.Request) -> web.Response:
     if counts is None:
         return _unknown_request(request_id)
     return web.json_response(counts.as_json(request_id))
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__  # a TimeoutError says nothing
 
 
 def _unknown_request(request_id: str) -> web.Response:

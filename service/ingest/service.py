@@ -24,7 +24,7 @@ from ingest import migrate
 from ingest.builder import WorkerSlot, build
 from ingest.config import Settings
 from ingest.consumers import ConsumerThread
-from ingest.errors import StartupError
+from ingest.errors import SchemaNotReady, StartupError, first_line
 from ingest.messages import Message
 from ingest.shutdown import Shutdown
 from ingest.spool_writer import KEPT_IN_SPOOL
@@ -92,15 +92,13 @@ class Service:
         try:
             if self.settings.migrate:
                 migrate.upgrade(self.pool.engine)
-            current = migrate.current(self.pool.engine)
+            self.pool.ping()  # connected: a SQLite file exists now, empty or not
+            migrate.check_at_head(self.pool.engine)
+        except SchemaNotReady as exc:
+            raise StartupError(f"database {exc}: run `ingest db upgrade` or start without --no-migrate") from None
         except Exception as exc:
             doing = "migrate" if self.settings.migrate else "read the schema revision of"
-            raise StartupError(f"cannot {doing} the database: {str(exc).splitlines()[0]}") from exc
-        if current != migrate.head():
-            raise StartupError(
-                f"database schema is at revision {current or 'none'}, this ingest needs {migrate.head()}: "
-                "run `ingest db upgrade` or start without --no-migrate"
-            )
+            raise StartupError(f"cannot {doing} the database: {first_line(exc)}") from exc
 
     def _start_consumers(self) -> None:
         startup = threading.Barrier(self.settings.consumers + 1)

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import NoReturn
 
@@ -39,19 +40,32 @@ class Shutdown:
             self._deadline.cancel()
 
     def install_signal_handlers(self) -> None:
-        """SIGINT/SIGTERM/SIGHUP only set flags; the main thread does the work. Main thread only.
+        """The signals' meaning (on_signals) as this process's Events. Main thread only."""
 
-        The first signal asks for a drain; a second one (an impatient Ctrl-C) ends it now.
-        """
-
-        def handler(_signum: int, _frame: FrameType | None) -> None:
-            if self.stopping.is_set():
+        def stop(again: bool) -> None:
+            if again or self.stopping.is_set():  # also past a stop the service began itself
                 self.hard_stop.set()
             self.stopping.set()
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reload.set())
+        on_signals(stop=stop, reload=self.reload.set)
+
+
+def on_signals(*, stop: Callable[[bool], None], reload: Callable[[], None]) -> None:
+    """The one place that says what signals mean to ingest, for `serve` and for `--workers`'
+    parent alike: SIGTERM or SIGINT asks for a drain, `stop(False)`; another one (an impatient
+    Ctrl-C) ends the drain now, `stop(True)`; SIGHUP reads the token file again, `reload()`.
+    The callbacks only set flags or pass the signal on: the main thread does the work, since a
+    handler that logged or joined could deadlock on a lock the interrupted code holds."""
+    received = 0
+
+    def on_stop(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal received
+        received += 1
+        stop(received > 1)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: reload())
 
 
 def exit_process(code: int) -> NoReturn:

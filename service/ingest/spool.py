@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import IO
 
 from ingest.errors import SpoolError
+from ingest.vocabulary import SPOOL_SYNC_MODES
 
 FORMAT = "ingest-spool"
 VERSION = 2  # 2: each row names its request and the request's size, for receipts
-SYNC_MODES = ("full", "normal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # What a row costs on disk beyond its text: seq, received_at, flags and page overhead, roughly.
 ROW_OVERHEAD_BYTES = 32
@@ -89,8 +89,8 @@ def open_spool(path: Path, sync: str = "full", *, create: bool = True, writable:
     """A checked connection to the spool at `path`, created if missing (and `create`).
 
     Not `writable`: opened read-only, for looking without changing anything."""
-    if sync not in SYNC_MODES:
-        raise SpoolError(f"spool sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
+    if sync not in SPOOL_SYNC_MODES:
+        raise SpoolError(f"spool sync must be one of {', '.join(SPOOL_SYNC_MODES)}, got {sync!r}")
     fresh = not path.exists() or path.stat().st_size == 0
     if fresh and not create:
         raise SpoolError(f"spool {path}: no such file")

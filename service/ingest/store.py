@@ -26,15 +26,15 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import func, insert, inspect, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Connection
 
 from ingest import receipt_rows
-from ingest.errors import PermanentStoreError, StartupError, TransientStoreError
+from ingest.errors import PermanentStoreError, StartupError, TransientStoreError, first_line
 from ingest.messages import Message
 from ingest.metrics import Metrics
 from ingest.pool import ConnectionPool
-from ingest.tables import dead_letters, messages, requests, stamps
+from ingest.tables import dead_letters, messages, stamps
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Store:
         self._backoff = backoff or Backoff()
         postgres = pool.dialect == "postgresql"
         self._insert_new = _with_receipts(_copy_messages if postgres else _insert_messages, fresh=True)
-        self._insert_skipping = _with_receipts(_copy_skipping_known if postgres else _insert_skipping_known)
+        self._insert_skipping = _with_receipts(insert_unless_stored)
         # The last word from the database, of a write or of the probe (chores.py): None when it
         # answered, else what went wrong. /readyz reads it.
         self.database_error: str | None = None
@@ -112,18 +112,12 @@ class Store:
         return f"Store({self._pool!r}, database_error={self.database_error!r})"
 
     def check(self) -> None:
-        """Connect and find the tables; a consumer calls this before the service opens."""
+        """Connect; each consumer calls this before the service opens (the service checked the
+        schema first: migrate.check_at_head)."""
         try:
-            with self._pool.connection() as conn:
-                tables = {messages.name, dead_letters.name, requests.name}
-                missing = tables - set(inspect(conn).get_table_names())
+            self._pool.ping()
         except sa_exc.SQLAlchemyError as exc:
             raise StartupError(f"cannot connect to the database: {first_line(exc)}") from None
-        if missing:
-            raise StartupError(
-                f"table(s) {', '.join(sorted(missing))} missing: run `ingest db upgrade` "
-                "or start without --no-migrate"
-            )
 
     def count_dead_letters(self) -> int:
         """Dead letters waiting, of every replica: the database is the only place that knows."""
@@ -286,6 +280,15 @@ def _insert_messages(conn: Connection, batch: list[Message]) -> None:
     conn.exec_driver_sql(_INSERT_SQLITE, _sqlite_rows(batch))
 
 
+def insert_unless_stored(conn: Connection, batch: list[Message]) -> set[str | None]:
+    """The one "insert unless the identity is stored", in the caller's transaction (the store's
+    careful path, a dead letter's replay); returns the identities it stored (None for a message
+    without one, which is always stored)."""
+    if conn.dialect.name == "postgresql":
+        return _copy_skipping_known(conn, batch)
+    return _insert_skipping_known(conn, batch)
+
+
 def _insert_skipping_known(conn: Connection, batch: list[Message]) -> set[str | None]:
     """SQLite: a row at a time, because RETURNING does not work with executemany."""
     inserted: set[str | None] = set()
@@ -327,9 +330,3 @@ def _copy_skipping_known(conn: Connection, batch: list[Message]) -> set[str | No
         cursor.execute(_INSERT_FROM_INCOMING)
         return {row[0] for row in cursor.fetchall()}
 
-
-def first_line(exc: BaseException) -> str:
-    """The driver's error class and the first line of its message: enough to act on."""
-    original = getattr(exc, "orig", None) or exc
-    text = str(original).strip()
-    return f"{type(original).__name__}: {text.splitlines()[0] if text else '(no message)'}"

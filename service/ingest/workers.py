@@ -31,15 +31,13 @@ import time
 from dataclasses import replace
 from multiprocessing.context import SpawnProcess
 from multiprocessing.queues import Queue
-from types import FrameType
 
 from ingest import migrate
 from ingest.config import Settings, mask_url
-from ingest.errors import IngestError, StartupError
+from ingest.errors import IngestError, SchemaNotReady, StartupError, first_line
 from ingest.pool import ConnectionPool
 from ingest.service import EXIT_OK, Service, WorkerSlot
-from ingest.shutdown import exit_process
-from ingest.store import first_line
+from ingest.shutdown import exit_process, on_signals
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +58,6 @@ class Workers:
         self._started_at: dict[int, float] = {}
         self._restarts = 0
         self._stopping = threading.Event()
-        self._signals = 0
 
     def __repr__(self) -> str:
         alive = sum(p.is_alive() for p in self._processes.values())
@@ -96,6 +93,9 @@ class Workers:
             if self.settings.migrate:
                 migrate.upgrade(pool.engine)
             pool.ping()
+            migrate.check_at_head(pool.engine)
+        except SchemaNotReady as exc:
+            raise StartupError(f"database {exc}: run `ingest db upgrade` or start without --no-migrate") from None
         except Exception as exc:
             raise StartupError(f"cannot prepare the database: {first_line(exc)}") from exc
         finally:
@@ -174,19 +174,19 @@ class Workers:
                 process.terminate()
 
     def _install_signal_handlers(self) -> None:
-        def handler(signum: int, _frame: FrameType | None) -> None:
-            if signum == signal.SIGHUP:  # each worker reads its token file again
-                for process in self._processes.values():
-                    if process.pid is not None and process.exitcode is None:
-                        os.kill(process.pid, signal.SIGHUP)
-                return
-            self._signals += 1
-            if self._signals > 1:  # impatient: end the workers' drains now
+        """What signals mean (shutdown.on_signals), passed on to the workers."""
+
+        def stop(again: bool) -> None:
+            if again:  # impatient: end the workers' drains now
                 self._terminate_running()
             self._stopping.set()
 
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, handler)
+        def reload() -> None:  # each worker reads its token file again
+            for process in self._processes.values():
+                if process.pid is not None and process.exitcode is None:
+                    os.kill(process.pid, signal.SIGHUP)
+
+        on_signals(stop=stop, reload=reload)
 
 
 def _worker_main(settings: Settings, slot: WorkerSlot, reports: Queue[tuple[int, str | None]], parent: int) -> None:

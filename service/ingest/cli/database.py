@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ingest import migrate
 from ingest.cli.common import EXIT_FAILURE, Decorator, fail, setting_option
 from ingest.config import Settings, mask_url
+from ingest.errors import SchemaNotReady, first_line
 
 
 def _db_option(help: str) -> Decorator:
@@ -41,7 +42,7 @@ def db_upgrade(db_url: str) -> None:
     try:
         before, after = migrate.upgrade_url(db_url)
     except SQLAlchemyError as exc:
-        fail(f"cannot migrate {mask_url(db_url)}: {str(getattr(exc, 'orig', exc)).splitlines()[0]}", EXIT_FAILURE)
+        fail(f"cannot migrate {mask_url(db_url)}: {first_line(exc)}", EXIT_FAILURE)
     click.echo(f"{mask_url(db_url)}: {before or 'empty'} -> {after}")
 
 
@@ -71,16 +72,13 @@ class When(_DateTimeParam):
 @contextmanager
 def _database_at_head(db_url: str) -> Iterator[Engine]:
     """An engine on a database at head; a database error or a missing table ends in one line."""
-    from ingest.dead_letters import SchemaNotReady, check_schema
-    from ingest.store import first_line
-
     db_url = Settings.from_mapping({"db_url": db_url}).db_url
     engine = create_engine(db_url)
     try:
-        check_schema(engine)
+        migrate.check_at_head(engine)
         yield engine
     except SchemaNotReady as exc:
-        fail(f"{mask_url(db_url)}: {exc}", EXIT_FAILURE)
+        fail(f"{mask_url(db_url)}: {exc}: run `ingest db upgrade`", EXIT_FAILURE)
     except SQLAlchemyError as exc:
         fail(f"cannot use {mask_url(db_url)}: {first_line(exc)}", EXIT_FAILURE)
     finally:

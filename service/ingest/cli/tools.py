@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from ingest.cli.common import EXIT_FAILURE
+from ingest.vocabulary import ACK_MODES
 
 
 @click.command("push")
@@ -17,7 +18,7 @@ from ingest.cli.common import EXIT_FAILURE
 @click.option("--concurrency", type=int, default=16, show_default=True, help="Requests in flight.")
 @click.option("--rate", type=float, default=None, help="Messages a second (default: as fast as possible).")
 @click.option("--burst", type=int, default=0, show_default=True, help="Extra messages sent at once each second.")
-@click.option("--ack", type=click.Choice(["enqueue", "commit"]), default="enqueue", show_default=True)
+@click.option("--ack", type=click.Choice(ACK_MODES), default="enqueue", show_default=True)
 @click.option("--gzip/--no-gzip", "gzip", default=False, help="Compress request bodies.")
 @click.option("--token", envvar="INGEST_TOKEN", show_envvar=True, default=None,
               help="Bearer token, for a service started with --auth-tokens.")
