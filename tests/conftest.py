@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -13,6 +15,7 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
+from ingest import migrate
 from ingest.config import Settings
 from ingest.service import Service
 
@@ -40,14 +43,50 @@ def postgres_url() -> Iterator[str]:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database migrated to head once a session, by the path `ingest serve` takes."""
+    path = tmp_path_factory.mktemp("template") / "ingest.db"
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        migrate.upgrade(engine)
+        with engine.connect() as conn:
+            # Whatever the journal mode, every committed page must be in the main file, the one
+            # file copied (a no-op unless the template is in WAL mode).
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        engine.dispose()  # closes every connection: no -wal, -shm or -journal left beside it
+    siblings = sorted(p.name for p in path.parent.iterdir() if p != path)
+    assert not siblings, f"the template would be copied without {siblings}"
+    return path
+
+
 @pytest.fixture
-def sqlite_url(tmp_path: Any) -> str:
-    return f"sqlite:///{tmp_path / 'ingest.db'}"
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    """A SQLite database already at head: a copy of the session's template."""
+    path = tmp_path / "ingest.db"
+    shutil.copy(sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def empty_sqlite_url(tmp_path: Path) -> str:
+    """A SQLite database never migrated (its file does not exist yet): for migrations, --no-migrate
+    and missing-schema tests."""
+    return f"sqlite:///{tmp_path / 'empty.db'}"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest) -> str:
+    """SQLite at head, or an empty Postgres database: migrate it if the test needs the schema
+    (a no-op on the SQLite copy)."""
     return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_db_url(request: pytest.FixtureRequest) -> str:
+    """A database of either kind that was never migrated."""
+    return str(request.getfixturevalue("empty_sqlite_url" if request.param == "sqlite" else "postgres_url"))
 
 
 @pytest.fixture

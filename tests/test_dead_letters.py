@@ -434,18 +434,18 @@ def test_a_bad_time_is_a_usage_error(sqlite_url, capsys, command, bad) -> None:
     assert "30s, 15m, 2h, 7d" in line
 
 
-def test_a_database_without_the_tables_says_to_upgrade(db_url, make_engine, capsys) -> None:
-    engine = make_engine(db_url)
+def test_a_database_without_the_tables_says_to_upgrade(empty_db_url, make_engine, capsys) -> None:
+    engine = make_engine(empty_db_url)
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE unrelated (id integer)"))  # the database exists, ingest's tables do not
-    code, _, err = cli(capsys, "list", "--db", db_url)
+    code, _, err = cli(capsys, "list", "--db", empty_db_url)
     assert code == 1
     assert one_line_error(err).endswith(
         ": schema is not at head (missing messages, dead_letters, requests): run `ingest db upgrade`"
     )
 
     migrate.upgrade(engine, "0002")  # before receipts and dead-letter identities
-    code, _, err = cli(capsys, "replay", "--db", db_url, "--all")
+    code, _, err = cli(capsys, "replay", "--db", empty_db_url, "--all")
     assert code == 1
     assert one_line_error(err).endswith(
         ": schema is not at head (missing dead_letters.ident, dead_letters.request, requests): run `ingest db upgrade`"
