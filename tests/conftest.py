@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from ingest import migrate
 from ingest.config import Settings
 from ingest.service import Service
+from stages import Stages, build_stages
 
 POSTGRES_ADMIN = os.environ.get("INGEST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 DATA_THREADS = ("listener", "consumer-")
@@ -90,6 +91,23 @@ def empty_db_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def postgres_head_url(postgres_url: str) -> str:
+    """A fresh Postgres database migrated to head."""
+    engine = create_engine(postgres_url)
+    try:
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    return postgres_url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def head_db_url(request: pytest.FixtureRequest) -> str:
+    """A database of either kind at head: the SQLite copy, or a fresh Postgres database migrated."""
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_head_url"))
+
+
+@pytest.fixture
 def make_engine() -> Iterator[Callable[[str], Engine]]:
     engines: list[Engine] = []
 
@@ -101,6 +119,22 @@ def make_engine() -> Iterator[Callable[[str], Engine]]:
     yield make
     for engine in engines:
         engine.dispose()
+
+
+@pytest.fixture
+def make_stages() -> Iterator[Callable[..., Stages]]:
+    """Pool, store and buffer built by hand on a database at head (stages.py); pools disposed after."""
+    made: list[Stages] = []
+
+    def make(url: str, **kwargs: Any) -> Stages:
+        stages = build_stages(url, **kwargs)
+        made.append(stages)
+        return stages
+
+    yield make
+    for stages in made:
+        stages.hard_stop.set()  # ends any retry a failed test left behind
+        stages.pool.dispose()
 
 
 @pytest.fixture
