@@ -27,6 +27,7 @@ from ingest.pool import ConnectionPool
 from ingest.store import Store
 from ingest.tables import dead_letters as letters_table
 from ingest.tables import messages, requests
+from stages import refuse_bad
 from tcpproxy import TcpProxy
 
 T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
@@ -56,20 +57,8 @@ def one_line_error(err: str) -> str:
     return err.strip()
 
 
-def refuse_bad(engine: Engine) -> None:
-    """The cause: the database refuses messages that have a "bad" field."""
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql("ALTER TABLE messages ADD CONSTRAINT refuse_bad CHECK (NOT (payload ? 'bad'))")
-        else:
-            conn.exec_driver_sql(
-                "CREATE TRIGGER refuse_bad BEFORE INSERT ON messages "
-                "WHEN json_extract(NEW.payload, '$.bad') IS NOT NULL BEGIN SELECT RAISE(ABORT, 'bad refused'); END"
-            )
-
-
 def allow_bad(engine: Engine) -> None:
-    """The fix."""
+    """The fix: undoes stages.refuse_bad."""
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql("ALTER TABLE messages DROP CONSTRAINT refuse_bad")
