@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -13,8 +15,10 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
+from ingest import migrate
 from ingest.config import Settings
 from ingest.service import Service
+from stages import Stages, build_stages
 
 POSTGRES_ADMIN = os.environ.get("INGEST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 DATA_THREADS = ("listener", "consumer-")
@@ -40,14 +44,67 @@ def postgres_url() -> Iterator[str]:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database migrated to head once a session, by the path `ingest serve` takes."""
+    path = tmp_path_factory.mktemp("template") / "ingest.db"
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        migrate.upgrade(engine)
+        with engine.connect() as conn:
+            # Whatever the journal mode, every committed page must be in the main file, the one
+            # file copied (a no-op unless the template is in WAL mode).
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        engine.dispose()  # closes every connection: no -wal, -shm or -journal left beside it
+    siblings = sorted(p.name for p in path.parent.iterdir() if p != path)
+    assert not siblings, f"the template would be copied without {siblings}"
+    return path
+
+
 @pytest.fixture
-def sqlite_url(tmp_path: Any) -> str:
-    return f"sqlite:///{tmp_path / 'ingest.db'}"
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    """A SQLite database already at head: a copy of the session's template."""
+    path = tmp_path / "ingest.db"
+    shutil.copy(sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def empty_sqlite_url(tmp_path: Path) -> str:
+    """A SQLite database never migrated (its file does not exist yet): for migrations, --no-migrate
+    and missing-schema tests."""
+    return f"sqlite:///{tmp_path / 'empty.db'}"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest) -> str:
+    """SQLite at head, or an empty Postgres database: migrate it if the test needs the schema
+    (a no-op on the SQLite copy)."""
     return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_db_url(request: pytest.FixtureRequest) -> str:
+    """A database of either kind that was never migrated."""
+    return str(request.getfixturevalue("empty_sqlite_url" if request.param == "sqlite" else "postgres_url"))
+
+
+@pytest.fixture
+def postgres_head_url(postgres_url: str) -> str:
+    """A fresh Postgres database migrated to head."""
+    engine = create_engine(postgres_url)
+    try:
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    return postgres_url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def head_db_url(request: pytest.FixtureRequest) -> str:
+    """A database of either kind at head: the SQLite copy, or a fresh Postgres database migrated."""
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_head_url"))
 
 
 @pytest.fixture
@@ -62,6 +119,22 @@ def make_engine() -> Iterator[Callable[[str], Engine]]:
     yield make
     for engine in engines:
         engine.dispose()
+
+
+@pytest.fixture
+def make_stages() -> Iterator[Callable[..., Stages]]:
+    """Pool, store and buffer built by hand on a database at head (stages.py); pools disposed after."""
+    made: list[Stages] = []
+
+    def make(url: str, **kwargs: Any) -> Stages:
+        stages = build_stages(url, **kwargs)
+        made.append(stages)
+        return stages
+
+    yield make
+    for stages in made:
+        stages.hard_stop.set()  # ends any retry a failed test left behind
+        stages.pool.dispose()
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from ingest.pool import ConnectionPool
 from ingest.store import Store
 from ingest.tables import dead_letters as letters_table
 from ingest.tables import messages, requests
+from stages import refuse_bad
 from tcpproxy import TcpProxy
 
 T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
@@ -56,20 +57,8 @@ def one_line_error(err: str) -> str:
     return err.strip()
 
 
-def refuse_bad(engine: Engine) -> None:
-    """The cause: the database refuses messages that have a "bad" field."""
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql("ALTER TABLE messages ADD CONSTRAINT refuse_bad CHECK (NOT (payload ? 'bad'))")
-        else:
-            conn.exec_driver_sql(
-                "CREATE TRIGGER refuse_bad BEFORE INSERT ON messages "
-                "WHEN json_extract(NEW.payload, '$.bad') IS NOT NULL BEGIN SELECT RAISE(ABORT, 'bad refused'); END"
-            )
-
-
 def allow_bad(engine: Engine) -> None:
-    """The fix."""
+    """The fix: undoes stages.refuse_bad."""
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql("ALTER TABLE messages DROP CONSTRAINT refuse_bad")
@@ -434,11 +423,11 @@ def test_a_bad_time_is_a_usage_error(sqlite_url, capsys, command, bad) -> None:
     assert "30s, 15m, 2h, 7d" in line
 
 
-def test_a_database_without_the_tables_says_to_upgrade(db_url, make_engine, capsys) -> None:
-    engine = make_engine(db_url)
+def test_a_database_without_the_tables_says_to_upgrade(empty_db_url, make_engine, capsys) -> None:
+    engine = make_engine(empty_db_url)
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE unrelated (id integer)"))  # the database exists, ingest's tables do not
-    code, _, err = cli(capsys, "list", "--db", db_url)
+    code, _, err = cli(capsys, "list", "--db", empty_db_url)
     assert code == 1
     assert one_line_error(err).endswith(
         ": schema is at revision none, this ingest needs 0003 (missing messages, dead_letters, requests): "
@@ -446,7 +435,7 @@ def test_a_database_without_the_tables_says_to_upgrade(db_url, make_engine, caps
     )
 
     migrate.upgrade(engine, "0002")  # before receipts and dead-letter identities
-    code, _, err = cli(capsys, "replay", "--db", db_url, "--all")
+    code, _, err = cli(capsys, "replay", "--db", empty_db_url, "--all")
     assert code == 1
     assert one_line_error(err).endswith(
         ": schema is at revision 0002, this ingest needs 0003 "

@@ -171,8 +171,8 @@ def test_a_consumer_that_dies_after_its_commit_does_not_write_again(make_service
 # ---------------------------------------------------------------- the migration
 
 
-def test_upgrading_a_database_with_rows_keeps_them_and_dedupes_new_writes(make_engine, db_url) -> None:
-    engine = make_engine(db_url)
+def test_upgrading_a_database_with_rows_keeps_them_and_dedupes_new_writes(make_engine, empty_db_url) -> None:
+    engine = make_engine(empty_db_url)
     migrate.upgrade(engine, "0001")
     with engine.begin() as conn:
         for n in range(3):
