@@ -17,9 +17,10 @@ from sqlalchemy.engine import Engine
 
 from ingest.buffer import Buffer
 from ingest.consumers import ConsumerThread
-from ingest.messages import Ack, Message
+from ingest.messages import Message, Receipt
 from ingest.metrics import Metrics
 from ingest.pool import ConnectionPool
+from ingest.receipts import Ledger
 from ingest.store import Backoff, Store, WriteResult
 from ingest.tables import dead_letters, messages
 
@@ -37,6 +38,7 @@ class Stages:
     buffer: Buffer
     metrics: Metrics
     hard_stop: threading.Event
+    ledger: Ledger = field(default_factory=Ledger)
     statements: list[str] = field(default_factory=list)
 
     @property
@@ -48,12 +50,12 @@ class Stages:
         return self.pool.dialect
 
     def consumer(
-        self, *, batch_size: int = 100, on_settled: Callable[[list[Message], WriteResult], None] | None = None
+        self, *, batch_size: int = 100, after_commit: Callable[[list[Message], WriteResult], None] | None = None
     ) -> ConsumerThread:
         """A consumer never started: no linger, no wait for work, so step() returns at once."""
         return ConsumerThread(
-            CONSUMER, buffer=self.buffer, store=self.store, metrics=self.metrics, batch_size=batch_size,
-            linger_s=0.0, hard_stop=self.hard_stop, idle_wait_s=0.0, on_settled=on_settled,
+            CONSUMER, buffer=self.buffer, store=self.store, metrics=self.metrics, ledger=self.ledger,
+            batch_size=batch_size, linger_s=0.0, hard_stop=self.hard_stop, idle_wait_s=0.0, after_commit=after_commit,
         )
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
@@ -109,14 +111,19 @@ def careful_path_taken(stages: Stages) -> bool:
         return conn.exec_driver_sql("SELECT to_regclass('pg_temp.ingest_incoming')").scalar() is not None
 
 
-def fresh(texts: list[str], prefix: str = "g:test:", ack: Ack | None = None) -> list[Message]:
+def waiting(count: int) -> Receipt:
+    """The record of an ack=commit request of `count` messages: its client awaits `.future`."""
+    return Receipt(f"req-{count}", count, MOMENT, waited_on=True)
+
+
+def fresh(texts: list[str], prefix: str = "g:test:", ack: Receipt | None = None) -> list[Message]:
     """Messages with identities no stored row can have (known=False): the store's fast path."""
-    return [Message(t, MOMENT, ack, ident=f"{prefix}{n}", known=False) for n, t in enumerate(texts)]
+    return [Message(t, MOMENT, ident=f"{prefix}{n}", known=False, receipt=ack) for n, t in enumerate(texts)]
 
 
-def known(texts: list[str], prefix: str = "k:test:", ack: Ack | None = None) -> list[Message]:
+def known(texts: list[str], prefix: str = "k:test:", ack: Receipt | None = None) -> list[Message]:
     """Messages whose identities may be stored already (a client's key): the careful path."""
-    return [Message(t, MOMENT, ack, ident=f"{prefix}{n}") for n, t in enumerate(texts)]
+    return [Message(t, MOMENT, ident=f"{prefix}{n}", receipt=ack) for n, t in enumerate(texts)]
 
 
 def bodies(count: int, start: int = 0) -> list[str]:

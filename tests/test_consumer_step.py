@@ -1,5 +1,5 @@
 """ConsumerThread.step() driven on the test thread (the thread is never started): one batch taken,
-written, accounted in metrics and settled on the clients' Acks."""
+written, accounted in metrics and settled on the requests' records (messages.Receipt) their clients await."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from ingest.messages import Ack, Message, WriteFailed
+from ingest.messages import Message, WriteFailed
 from ingest.store import WriteResult
-from stages import Stages, bodies, fresh, known, lock_sqlite, refuse_bad
+from stages import Stages, bodies, fresh, known, lock_sqlite, refuse_bad, waiting
 
 MakeStages = Callable[..., Stages]
 
@@ -29,8 +29,8 @@ def test_an_empty_buffer_is_a_false_step_that_writes_nothing(make_stages: MakeSt
 def test_a_step_writes_one_batch_and_settles_its_acks(make_stages: MakeStages, head_db_url: str) -> None:
     stages = make_stages(head_db_url)
     settled: list[tuple[list[Message], WriteResult]] = []
-    consumer = stages.consumer(on_settled=lambda batch, result: settled.append((batch, result)))
-    ack = Ack(3)
+    consumer = stages.consumer(after_commit=lambda batch, result: settled.append((batch, result)))
+    ack = waiting(3)
     committed = fresh(bodies(3), prefix="g:a:", ack=ack)
     enqueued = fresh(bodies(2, start=3), prefix="g:b:")  # ack=enqueue: nobody waits
     assert stages.buffer.try_put_all(committed)
@@ -66,7 +66,7 @@ def test_duplicates_settle_the_ack_as_duplicates_not_stored(make_stages: MakeSta
     consumer = stages.consumer()
     stages.buffer.try_put_all(known(bodies(2)))
     consumer.step()
-    retry = Ack(3)  # the same request sent again, with one message more
+    retry = waiting(3)  # the same request sent again, with one message more
     stages.buffer.try_put_all(known(bodies(3), ack=retry))
     assert consumer.step() is True
     assert retry.future.result(0) == (1, 2)
@@ -80,7 +80,7 @@ def test_a_refused_message_fails_its_request_and_the_others_are_stored(make_stag
     stages = make_stages(sqlite_url)
     refuse_bad(stages.engine)
     consumer = stages.consumer()
-    refused_request, fine_request = Ack(2), Ack(1)
+    refused_request, fine_request = waiting(2), waiting(1)
     stages.buffer.try_put_all(known(['{"n": 1}', '{"bad": 1}'], prefix="k:r1:", ack=refused_request))
     stages.buffer.try_put_all(known(['{"n": 2}'], prefix="k:r2:", ack=fine_request))
     assert consumer.step() is True
@@ -102,7 +102,7 @@ def test_at_the_drain_deadline_a_step_fails_the_batch_and_counts_it_lost(make_st
     hear it was not stored; it is not handed back (nothing would write it)."""
     stages = make_stages(sqlite_url, busy_timeout_s=0.01)
     consumer = stages.consumer()
-    ack = Ack(2)
+    ack = waiting(2)
     stages.buffer.try_put_all(fresh(bodies(2), ack=ack))
     spooled = Message('{"spooled": true}', 0.0, ident="g:s:0", seq=7)  # kept in the spool file: not lost
     stages.buffer.try_put_all([spooled])
@@ -126,7 +126,7 @@ def test_an_unexpected_error_hands_the_batch_back_and_escalates(make_stages: Mak
     head of the buffer and dies loudly (the supervisor's part is tested elsewhere)."""
     stages = make_stages(sqlite_url)
     consumer = stages.consumer(batch_size=2)
-    ack = Ack(3)
+    ack = waiting(3)
     messages = fresh(bodies(3), ack=ack)
     stages.buffer.try_put_all(messages)
 
