@@ -1,4 +1,4 @@
-"""Alembic environment: the schema comes from ingest.tables, the connection from the caller.
+"""Alembic environment: the schema comes from ingest.db.tables, the connection from the caller.
 
 `ingest db upgrade` and `ingest serve` pass their connection in `config.attributes`; the plain
 `alembic` command line builds one from `sqlalchemy.url` instead.
@@ -7,7 +7,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from ingest.tables import metadata
+from ingest.db.tables import metadata
 
 config = context.config
 

@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
-from ingest import migrate
 from ingest.config import Settings
+from ingest.db import migrate
 from ingest.service import Service
-from stages import Stages, build_stages
+from support.stages import Stages, build_stages
 
 POSTGRES_ADMIN = os.environ.get("INGEST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 DATA_THREADS = ("listener", "consumer-")

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
+from ingest.db.store import WriteResult
 from ingest.messages import Message, WriteFailed
-from ingest.store import WriteResult
-from stages import Stages, bodies, fresh, known, lock_sqlite, refuse_bad, waiting
+from support.stages import Stages, bodies, fresh, known, lock_sqlite, refuse_bad, waiting
 
 MakeStages = Callable[..., Stages]
 

@@ -2,8 +2,8 @@
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from httpclient import post_json, post_ndjson, request
-from waiting import wait_until
+from support.httpclient import post_json, post_ndjson, request
+from support.waiting import wait_until
 
 CONTRACT = {
     "ingest_queue_depth": "gauge",

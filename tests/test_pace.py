@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from fakeclock import Clock
-from httpclient import request
 from ingest.pace import Throughput
-from waiting import wait_until
+from support.fakeclock import Clock
+from support.httpclient import request
+from support.waiting import wait_until
 
 
 def test_the_wait_is_the_backlog_at_the_recent_rate_and_grows_when_nothing_is_stored() -> None:

@@ -14,14 +14,14 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from httpclient import Reply, post_ndjson, request
-from ingest import spool
-from ingest.spool_writer import SpoolWriter
-from probes import metric
-from tcpproxy import TcpProxy
-from waiting import wait_until
+from ingest.spool import file as spool
+from ingest.spool.writer import SpoolWriter
+from support.httpclient import Reply, post_ndjson, request
+from support.probes import metric
+from support.tcpproxy import TcpProxy
+from support.waiting import wait_until
 
-OPENAPI = Path(__file__).resolve().parents[1] / "service" / "ingest" / "openapi.json"
+OPENAPI = Path(__file__).resolve().parents[1] / "service" / "ingest" / "http" / "openapi.json"
 
 
 def _push(url: str, count: int, *, query: str = "", headers: dict[str, str] | None = None, tag: str = "") -> Reply:
@@ -308,9 +308,9 @@ def test_receipt_rows_keep_every_id_count_and_moment(db_url, make_engine) -> Non
 
     from sqlalchemy import select
 
-    from ingest import migrate, receipt_rows
+    from ingest.db import migrate, receipt_rows
+    from ingest.db.tables import requests
     from ingest.messages import Message, Receipt
-    from ingest.tables import requests
 
     engine = make_engine(db_url)
     migrate.upgrade(engine)
@@ -340,13 +340,13 @@ def test_whole_fresh_requests_skip_the_upsert_and_one_there_already_takes_the_ca
 
     from sqlalchemy import event, select
 
-    from ingest import migrate
+    from ingest.db import migrate
+    from ingest.db.pool import ConnectionPool
+    from ingest.db.store import Store
+    from ingest.db.tables import dead_letters, requests
     from ingest.messages import Message
     from ingest.metrics import Metrics
-    from ingest.pool import ConnectionPool
     from ingest.receipts import Ledger
-    from ingest.store import Store
-    from ingest.tables import dead_letters, requests
 
     engine = make_engine(db_url)
     migrate.upgrade(engine)

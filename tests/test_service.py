@@ -7,11 +7,11 @@ import threading
 import pytest
 from sqlalchemy import text
 
-from httpclient import post_json, post_ndjson, request
 from ingest.messages import Message
-from probes import count_rows, metric
-from tcpproxy import TcpProxy
-from waiting import wait_until
+from support.httpclient import post_json, post_ndjson, request
+from support.probes import count_rows, metric
+from support.tcpproxy import TcpProxy
+from support.waiting import wait_until
 
 
 def test_backpressure_then_recovery(make_service, make_engine, sqlite_url) -> None:

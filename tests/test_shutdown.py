@@ -8,11 +8,11 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import text
 
-from httpclient import post_json
-from probes import count_rows
-from serving import serving
-from tcpproxy import TcpProxy
-from waiting import wait_until
+from support.httpclient import post_json
+from support.probes import count_rows
+from support.serving import serving
+from support.tcpproxy import TcpProxy
+from support.waiting import wait_until
 
 
 def _pusher(url: str, acked: set[int], stop: threading.Event, first: int) -> None:

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from probes import metric
+from support.probes import metric
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")

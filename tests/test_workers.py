@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from httpclient import request
-from ingest.push import PushOptions, run
-from serving import ServeProcess, serving
-from waiting import wait_until
+from ingest.tools.push import PushOptions, run
+from support.httpclient import request
+from support.serving import ServeProcess, serving
+from support.waiting import wait_until
 
 
 def _free_port() -> int:

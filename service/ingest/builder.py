@@ -17,30 +17,31 @@ from typing import Protocol
 
 from prometheus_client import generate_latest
 
-from ingest import metrics_merge, receipt_rows
-from ingest.auth import UNKNOWN, Tokens
+from ingest import metrics_merge
 from ingest.buffer import Buffer
 from ingest.chores import PROBE_TIMEOUT_S, Chores
 from ingest.config import Settings
 from ingest.consumers import ConsumerThread
-from ingest.guard import ConnectionGuard
+from ingest.db import receipt_rows
+from ingest.db.pool import ConnectionPool
+from ingest.db.store import Store, WriteResult
 from ingest.health import EventLike, Health
-from ingest.identity import Generator
+from ingest.http.auth import UNKNOWN, Tokens
+from ingest.http.guard import ConnectionGuard
+from ingest.http.identity import Generator
+from ingest.http.listener import ListenerThread, loop_factory
+from ingest.http.ratelimit import RateLimiter
+from ingest.http.routes import RouteConfig, hot_path, make_app
+from ingest.http.tls import server_context
 from ingest.intake import BufferIntake, Intake, SpoolIntake
-from ingest.listener import ListenerThread, loop_factory
 from ingest.messages import Message
 from ingest.metrics import Metrics
 from ingest.pace import Throughput
-from ingest.pool import ConnectionPool
-from ingest.ratelimit import RateLimiter
 from ingest.receipts import Ledger
-from ingest.routes import RouteConfig, hot_path, make_app
 from ingest.shutdown import Shutdown
-from ingest.spool_stage import NoSpool, SpoolStage
-from ingest.spool_writer import SpoolWriter
-from ingest.store import Store, WriteResult
+from ingest.spool.stage import NoSpool, SpoolStage
+from ingest.spool.writer import SpoolWriter
 from ingest.supervisor import Supervisor
-from ingest.tls import server_context
 
 LOOKUP_TIMEOUT_S = 2.0  # a receipt the database does not give in this time comes from the ledger
 ENQUEUE_THREADS = 32  # puts that wait for room, off the event loop

@@ -17,12 +17,12 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ingest.auth import Tokens
+from ingest.db.pool import ConnectionPool
+from ingest.db.store import Store
 from ingest.errors import first_line
+from ingest.http.auth import Tokens
 from ingest.metrics import Metrics
-from ingest.pool import ConnectionPool
 from ingest.shutdown import Shutdown
-from ingest.store import Store
 
 log = logging.getLogger(__name__)
 

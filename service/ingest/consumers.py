@@ -16,11 +16,11 @@ from collections import Counter
 from collections.abc import Callable
 
 from ingest.buffer import Buffer
+from ingest.db.store import Store, WriteResult
 from ingest.errors import IngestError, TransientStoreError
 from ingest.messages import Message
 from ingest.metrics import Metrics
 from ingest.receipts import Ledger
-from ingest.store import Store, WriteResult
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from ingest.store import Store
+from ingest.db.store import Store
 from ingest.supervisor import Supervisor
 
 

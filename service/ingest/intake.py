@@ -21,7 +21,7 @@ from typing import Protocol
 from ingest.buffer import Buffer
 from ingest.errors import QueueFull, SpoolFull
 from ingest.messages import Message
-from ingest.spool_writer import SpoolWriter
+from ingest.spool.writer import SpoolWriter
 
 
 class Intake(Protocol):

@@ -20,14 +20,14 @@ import threading
 import time
 from types import TracebackType
 
-from ingest import migrate
 from ingest.builder import WorkerSlot, build
 from ingest.config import Settings
 from ingest.consumers import ConsumerThread
+from ingest.db import migrate
 from ingest.errors import SchemaNotReady, StartupError, first_line
 from ingest.messages import Message
 from ingest.shutdown import Shutdown
-from ingest.spool_writer import KEPT_IN_SPOOL
+from ingest.spool.writer import KEPT_IN_SPOOL
 
 __all__ = ["EXIT_DRAIN_TIMEOUT", "EXIT_LISTENER_DIED", "EXIT_OK", "Service", "WorkerSlot"]
 

@@ -32,10 +32,10 @@ from dataclasses import replace
 from multiprocessing.context import SpawnProcess
 from multiprocessing.queues import Queue
 
-from ingest import migrate
 from ingest.config import Settings, mask_url
+from ingest.db import migrate
+from ingest.db.pool import ConnectionPool
 from ingest.errors import IngestError, SchemaNotReady, StartupError, first_line
-from ingest.pool import ConnectionPool
 from ingest.service import EXIT_OK, Service, WorkerSlot
 from ingest.shutdown import exit_process, on_signals
 

@@ -18,9 +18,9 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from ingest import migrate
 from ingest.cli.common import EXIT_FAILURE, Decorator, fail, setting_option
 from ingest.config import Settings, mask_url
+from ingest.db import migrate
 from ingest.errors import SchemaNotReady, first_line
 
 
@@ -61,7 +61,7 @@ class When(_DateTimeParam):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
         if isinstance(value, datetime):
             return value
-        from ingest.dead_letters import parse_when
+        from ingest.db.dead_letters import parse_when
 
         try:
             return parse_when(str(value), datetime.now(UTC))
@@ -106,7 +106,7 @@ def dead_letters_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object a line (NDJSON), every column in full.")
 def dead_letters_list(db_url: str, since: datetime | None, limit: int, as_json: bool) -> None:
     """Show what was refused, when and why. Oldest first (by failed_at), the first --limit letters."""
-    from ingest import dead_letters
+    from ingest.db import dead_letters
 
     with _database_at_head(db_url) as engine:
         page = dead_letters.list_letters(engine, since=since, limit=limit)
@@ -131,7 +131,7 @@ def dead_letters_replay(db_url: str, ids: tuple[int, ...], since: datetime | Non
     A letter whose identity is stored already just leaves; one the database refuses again stays,
     with the new error. Exit 0 when none was refused again, 1 when some was.
     """
-    from ingest import dead_letters
+    from ingest.db import dead_letters
 
     if sum((bool(ids), since is not None, everything)) != 1:
         raise click.UsageError("give exactly one of --id N (repeatable), --since TIME or --all")
@@ -158,7 +158,7 @@ def dead_letters_replay(db_url: str, ids: tuple[int, ...], since: datetime | Non
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def dead_letters_purge(db_url: str, before: datetime, yes: bool) -> None:
     """Delete letters that failed before TIME. Asks first, unless --yes."""
-    from ingest import dead_letters
+    from ingest.db import dead_letters
 
     _purge(db_url, before, yes, "dead letter(s) that failed", dead_letters.count_before, dead_letters.purge)
 
@@ -175,7 +175,7 @@ def requests_group() -> None:
 def requests_purge(db_url: str, before: datetime, yes: bool) -> None:
     """Delete receipts of requests received before TIME (their ids then answer 404). Asks first,
     unless --yes. Nothing else deletes receipts: one a request, they grow until purged."""
-    from ingest import receipt_rows
+    from ingest.db import receipt_rows
 
     _purge(db_url, before, yes, "receipt(s) of requests received", receipt_rows.count_before, receipt_rows.purge)
 

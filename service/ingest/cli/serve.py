@@ -65,7 +65,7 @@ def spool_group() -> None:
               type=click.Path(dir_okay=False, path_type=Path), help="The spool file of `ingest serve --spool`.")
 def spool_status(spool_path: Path) -> None:
     """Messages waiting in a spool and the age of the oldest, without starting the service."""
-    from ingest import spool
+    from ingest.spool import file as spool
 
     try:
         conn = spool.open_spool(spool_path, create=False, writable=False)

@@ -33,8 +33,8 @@ from ingest.vocabulary import ACK_MODES
               show_default=True, help="Seconds --receipts waits for pending messages.")
 def push(**values: Any) -> None:
     """Push generated messages at a running service; exit 1 if any was not acknowledged."""
-    from ingest import push as pusher
-    from ingest.report import progress_bar
+    from ingest.tools import push as pusher
+    from ingest.tools.report import progress_bar
 
     options = pusher.PushOptions(**values)
     progress = progress_bar(sys.stderr) if sys.stderr.isatty() else None
@@ -58,6 +58,6 @@ def push(**values: Any) -> None:
 @click.option("--cacert", default=None, help="A CA file to trust for an https:// URL (default: the system's).")
 def top(url: str, once: bool, interval_s: float, token: str | None, cacert: str | None) -> None:
     """A live view of a running service, read from its /metrics."""
-    from ingest import top as viewer
+    from ingest.tools import top as viewer
 
     sys.exit(viewer.run(url=url, once=once, interval_s=interval_s, out=sys.stdout, token=token, cacert=cacert))

@@ -1,0 +1,332 @@
+"""Writing batches: one transaction a batch, errors classified by class, nothing dropped.
+
+- Transient errors (connection lost, serialization failure, database locked) are retried with
+  capped exponential backoff and full jitter, for as long as it takes, until the drain deadline.
+- Permanent errors (the database refuses some message) are isolated by splitting the batch in
+  halves; the refused messages go to `dead_letters` with their error, the rest are stored.
+- Anything else is not ours to judge: it propagates to the consumer's error policy.
+
+Each message has an identity (identity.py) under a unique index. A batch of identities never
+seen before takes the fast path (a plain COPY or executemany). Any other batch, or a fast batch
+the database refused, goes through the duplicate-skipping path, which stores only identities not
+stored yet and reports which were: a retried request or a batch written twice stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import func, insert, select
+from sqlalchemy.engine import Connection
+
+from ingest.db import receipt_rows
+from ingest.db.pool import ConnectionPool
+from ingest.db.tables import dead_letters, messages, stamps
+from ingest.errors import PermanentStoreError, StartupError, TransientStoreError, first_line
+from ingest.messages import Message
+from ingest.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_PERMANENT = (psycopg.DataError, psycopg.IntegrityError, sqlite3.DataError, sqlite3.IntegrityError)
+_TRANSIENT = (
+    psycopg.OperationalError,  # connection lost, admin shutdown, serialization failure, deadlock
+    psycopg.InterfaceError,  # the connection is closed
+    sqlite3.OperationalError,  # database is locked, disk I/O error
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,  # SQLAlchemy's pool could not hand out a connection in time
+)
+
+
+def classify(exc: BaseException) -> type[TransientStoreError] | type[PermanentStoreError] | None:
+    """Map a driver error to transient or permanent by its class; None if it is not a DB error."""
+    # SQLAlchemy wraps driver errors (and errors raised while binding parameters) in
+    # StatementError; the class that tells what happened is the wrapped one.
+    original = exc.orig if isinstance(exc, sa_exc.StatementError) and exc.orig is not None else exc
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return TransientStoreError
+    if isinstance(original, _PERMANENT):
+        return PermanentStoreError
+    if isinstance(original, _TRANSIENT) or isinstance(exc, _TRANSIENT):
+        return TransientStoreError
+    if isinstance(original, psycopg.Error | sqlite3.Error) or isinstance(exc, sa_exc.DBAPIError):
+        # A database error of no known kind (a missing table, a full disk): retrying keeps the
+        # data safe while someone fixes the database; dead-lettering would blame the message.
+        return TransientStoreError
+    return None
+
+
+# An insert writes the batch in the caller's transaction and returns the identities it stored,
+# or None when it stored them all.
+Insert = Callable[[Connection, list[Message]], "set[str | None] | None"]
+
+
+@dataclass
+class WriteResult:
+    stored: list[Message] = field(default_factory=list)
+    duplicates: list[Message] = field(default_factory=list)
+    dead: list[tuple[Message, str]] = field(default_factory=list)
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter: delay = uniform(0, min(cap, base * 2**n))."""
+
+    def __init__(self, base_s: float = 0.05, cap_s: float = 5.0) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+
+    def delay_s(self, attempt: int) -> float:
+        return random.uniform(0, min(self.cap_s, self.base_s * 2 ** min(attempt, 30)))
+
+
+class Store:
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        metrics: Metrics,
+        hard_stop: threading.Event,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self._pool = pool
+        self._metrics = metrics
+        self._hard_stop = hard_stop
+        self._backoff = backoff or Backoff()
+        postgres = pool.dialect == "postgresql"
+        self._insert_new = _with_receipts(_copy_messages if postgres else _insert_messages, fresh=True)
+        self._insert_skipping = _with_receipts(insert_unless_stored)
+        # The last word from the database, of a write or of the probe (chores.py): None when it
+        # answered, else what went wrong. /readyz reads it.
+        self.database_error: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Store({self._pool!r}, database_error={self.database_error!r})"
+
+    def check(self) -> None:
+        """Connect; each consumer calls this before the service opens (the service checked the
+        schema first: migrate.check_at_head)."""
+        try:
+            self._pool.ping()
+        except sa_exc.SQLAlchemyError as exc:
+            raise StartupError(f"cannot connect to the database: {first_line(exc)}") from None
+
+    def count_dead_letters(self) -> int:
+        """Dead letters waiting, of every replica: the database is the only place that knows."""
+        with self._pool.connection() as conn:
+            return int(conn.execute(select(func.count()).select_from(dead_letters)).scalar_one())
+
+    def write(self, batch: list[Message]) -> WriteResult:
+        """Store the batch; refused messages come back in `dead` after being dead-lettered.
+
+        Raises TransientStoreError only when the drain deadline stops the retries.
+        """
+        result = WriteResult()
+        if not any(m.known for m in batch):
+            try:
+                self._retrying(self._insert_new, batch)
+                result.stored.extend(batch)
+                return result
+            except PermanentStoreError:
+                pass  # maybe a duplicate after all (a batch handed back): the careful path decides
+        self._write_isolating(batch, result)
+        return result
+
+    def _write_isolating(self, batch: list[Message], result: WriteResult) -> None:
+        try:
+            inserted = self._retrying(self._insert_skipping, batch)
+        except PermanentStoreError as exc:
+            if len(batch) == 1:
+                self._dead_letter(batch[0], str(exc))
+                result.dead.append((batch[0], str(exc)))
+                return
+            middle = len(batch) // 2
+            self._write_isolating(batch[:middle], result)
+            self._write_isolating(batch[middle:], result)
+            return
+        _sort_out(batch, inserted, result)
+
+    def _retrying(self, insert_fn: Insert, batch: list[Message]) -> set[str | None] | None:
+        attempt = 0
+        while True:
+            try:
+                started = time.perf_counter()
+                with self._pool.connection() as conn:
+                    inserted = self._in_transaction(conn, insert_fn, batch)
+                self._metrics.db_write_seconds.observe(time.perf_counter() - started)
+                self.database_error = None
+                return inserted
+            except Exception as exc:
+                kind = classify(exc)
+                if kind is None:
+                    raise
+                if kind is PermanentStoreError:
+                    raise PermanentStoreError(first_line(exc)) from exc
+                self.database_error = first_line(exc)
+                delay = self._backoff.delay_s(attempt)
+                attempt += 1
+                self._metrics.db_retries.inc()
+                log.warning(
+                    "write of %d message(s) failed (attempt %d), retrying in %.2fs: %s",
+                    len(batch), attempt, delay, first_line(exc),
+                )
+                if self._hard_stop.wait(delay):
+                    raise TransientStoreError(f"drain deadline passed while retrying: {first_line(exc)}") from exc
+
+    @staticmethod
+    def _in_transaction(conn: Connection, insert_fn: Insert, batch: list[Message]) -> set[str | None] | None:
+        try:
+            with conn.begin():
+                return insert_fn(conn, batch)
+        except Exception as exc:
+            if classify(exc) is TransientStoreError:
+                # COPY runs on the driver's connection, so SQLAlchemy may not know it broke:
+                # never hand this connection out again.
+                conn.invalidate()
+            raise
+
+    def _dead_letter(self, message: Message, error: str) -> None:
+        def insert_dead(conn: Connection, batch: list[Message]) -> None:
+            conn.execute(insert(dead_letters), [
+                {"received_at": _utc(m.received_at), "payload": m.text, "error": error, "ident": m.ident,
+                 "request": m.receipt.id if m.receipt is not None else None}
+                for m in batch
+            ])
+            receipt_rows.write(conn, batch, dead=True)
+            return None
+
+        self._retrying(insert_dead, [message])
+        self._metrics.dead_lettered.inc()
+        log.error("message dead-lettered: %s", error)
+
+
+def _with_receipts(insert_fn: Insert, *, fresh: bool = False) -> Insert:
+    """The insert, then its requests' receipts, in the same transaction. `fresh`: the fast path,
+    whose failure on a key (a receipt row there after all) sends the batch the careful way."""
+
+    def insert_and_count(conn: Connection, batch: list[Message]) -> set[str | None] | None:
+        inserted = insert_fn(conn, batch)
+        # Stored or a duplicate, each message is in the database now.
+        receipt_rows.write(conn, batch, fresh=fresh)
+        return inserted
+
+    return insert_and_count
+
+
+def _sort_out(batch: list[Message], inserted: set[str | None] | None, result: WriteResult) -> None:
+    """Stored or duplicate, by identity; of two messages with one identity, the first is stored."""
+    if inserted is None:
+        result.stored.extend(batch)
+        return
+    for message in batch:
+        if message.ident is None:
+            result.stored.append(message)  # no identity: nothing to conflict with
+        elif message.ident in inserted:
+            inserted.discard(message.ident)
+            result.stored.append(message)
+        else:
+            result.duplicates.append(message)
+
+
+def _utc(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
+# The conflict target names the partial index's predicate, or neither database would match it.
+_ON_CONFLICT = "ON CONFLICT (ident) WHERE ident IS NOT NULL DO NOTHING RETURNING ident"
+_INSERT_SQLITE = f"INSERT INTO {messages.name} (received_at, payload, ident) VALUES (?, ?, ?)"
+_INSERT_SQLITE_SKIPPING = f"{_INSERT_SQLITE} {_ON_CONFLICT}"
+_COPY_POSTGRES = f"COPY {messages.name} (received_at, payload, ident) FROM STDIN"
+_COPY_POSTGRES_NO_IDENT = f"COPY {messages.name} (received_at, payload) FROM STDIN"
+# The careful path: COPY into a per-connection temporary table, then one INSERT that skips
+# identities already stored and returns the ones it stored.
+_INCOMING = "ingest_incoming"
+_CREATE_INCOMING = (
+    f"CREATE TEMPORARY TABLE IF NOT EXISTS {_INCOMING} "
+    "(received_at timestamptz, payload text, ident text) ON COMMIT DELETE ROWS"
+)
+_COPY_INCOMING = f"COPY {_INCOMING} (received_at, payload, ident) FROM STDIN"
+_INSERT_FROM_INCOMING = (
+    f"INSERT INTO {messages.name} (received_at, payload, ident) "
+    f"SELECT received_at, payload::jsonb, ident FROM {_INCOMING} {_ON_CONFLICT}"
+)
+# COPY's text format gives backslash, tab, newline and CR a meaning; JSON text may hold them
+# (a raw tab or CR only as whitespace between tokens), so escape them.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_escape(text: str) -> str:
+    # Most messages need no escaping; four substring scans are much cheaper than translate().
+    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
+        return text.translate(_COPY_ESCAPES)
+    return text
+
+
+def _sqlite_rows(batch: list[Message]) -> list[tuple[str, str, str | None]]:
+    received = stamps([m.received_at for m in batch], sqlite=True)
+    return [(stamp, m.text, m.ident) for stamp, m in zip(received, batch, strict=True)]
+
+
+def _insert_messages(conn: Connection, batch: list[Message]) -> None:
+    """SQLite: one executemany of the JSON text as received (the payload column is text)."""
+    conn.exec_driver_sql(_INSERT_SQLITE, _sqlite_rows(batch))
+
+
+def insert_unless_stored(conn: Connection, batch: list[Message]) -> set[str | None]:
+    """The one "insert unless the identity is stored", in the caller's transaction (the store's
+    careful path, a dead letter's replay); returns the identities it stored (None for a message
+    without one, which is always stored)."""
+    if conn.dialect.name == "postgresql":
+        return _copy_skipping_known(conn, batch)
+    return _insert_skipping_known(conn, batch)
+
+
+def _insert_skipping_known(conn: Connection, batch: list[Message]) -> set[str | None]:
+    """SQLite: a row at a time, because RETURNING does not work with executemany."""
+    inserted: set[str | None] = set()
+    for row in _sqlite_rows(batch):
+        inserted.update(r[0] for r in conn.exec_driver_sql(_INSERT_SQLITE_SKIPPING, row))
+    return inserted
+
+
+def _copy_ident(ident: str | None) -> str:
+    # An identity is printable ASCII, where only a key's backslash means something to COPY.
+    return "\\N" if ident is None else _copy_escape(ident)
+
+
+def _copy_data(batch: list[Message], *, idents: bool = True) -> str:
+    received = stamps([m.received_at for m in batch], sqlite=False)
+    if not idents:
+        return "".join(f"{stamp}\t{_copy_escape(m.text)}\n" for stamp, m in zip(received, batch, strict=True))
+    return "".join(
+        f"{stamp}\t{_copy_escape(m.text)}\t{_copy_ident(m.ident)}\n" for stamp, m in zip(received, batch, strict=True)
+    )
+
+
+def _copy_messages(conn: Connection, batch: list[Message]) -> None:
+    """Postgres: COPY in text format, the fastest bulk path measured (see bench/). Messages
+    without identities leave the column out, as before identities existed."""
+    raw: Any = conn.connection.driver_connection
+    idents = any(m.ident is not None for m in batch)
+    with raw.cursor() as cursor, cursor.copy(_COPY_POSTGRES if idents else _COPY_POSTGRES_NO_IDENT) as copy:
+        copy.write(_copy_data(batch, idents=idents))
+
+
+def _copy_skipping_known(conn: Connection, batch: list[Message]) -> set[str | None]:
+    """Postgres: COPY into the temporary table, then INSERT ... ON CONFLICT DO NOTHING."""
+    raw: Any = conn.connection.driver_connection
+    with raw.cursor() as cursor:
+        cursor.execute(_CREATE_INCOMING)
+        with cursor.copy(_COPY_INCOMING) as copy:
+            copy.write(_copy_data(batch))
+        cursor.execute(_INSERT_FROM_INCOMING)
+        return {row[0] for row in cursor.fetchall()}
+

@@ -1,0 +1,1 @@
+"""The HTTP side: the listener thread, its routes and everything a request passes before the intake."""

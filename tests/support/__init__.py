@@ -1,0 +1,1 @@
+"""What the tests share: clients, waits, probes, proxies, processes and stacks."""
