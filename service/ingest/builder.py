@@ -27,11 +27,12 @@ from ingest.db.pool import ConnectionPool
 from ingest.db.store import Store, WriteResult
 from ingest.health import EventLike, Health
 from ingest.http.auth import UNKNOWN, Tokens
+from ingest.http.context import RouteConfig
 from ingest.http.guard import ConnectionGuard
 from ingest.http.identity import Generator
 from ingest.http.listener import ListenerThread, loop_factory
 from ingest.http.ratelimit import RateLimiter
-from ingest.http.routes import RouteConfig, hot_path, make_app
+from ingest.http.routes import hot_path, make_app
 from ingest.http.tls import server_context
 from ingest.intake import BufferIntake, Intake, SpoolIntake
 from ingest.messages import Message

@@ -1,4 +1,5 @@
-"""The HTTP API: handlers and the error → status table. Runs on the listener's event loop.
+"""The HTTP API: the message and receipt handlers and the error → status table. Runs on the
+listener's event loop (the operator's endpoints are in operations.py).
 
 Nothing here blocks the loop: messages go in through the intake port (intake.py), which waits
 for room off the loop, and a client waiting for its commit awaits its request's future (the
@@ -8,19 +9,11 @@ receipt, messages.py) through `asyncio.wrap_future`.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Executor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from aiohttp import hdrs, web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.aiohttp import make_aiohttp_handler
 
 from ingest.errors import (
     Backpressure,
@@ -28,52 +21,21 @@ from ingest.errors import (
     Rejected,
     RequestTimeout,
     ShuttingDown,
-    TooLarge,
     Unauthorized,
     first_line,
 )
-from ingest.http.auth import UNKNOWN, Tokens
+from ingest.http.auth import UNKNOWN
+from ingest.http.body import read_body
+from ingest.http.context import CONFIG, Handler, RouteConfig, error_response
 from ingest.http.decoding import decode, decompress
-from ingest.http.guard import ConnectionGuard
-from ingest.http.identity import IDEMPOTENCY_HEADER, Generator, checked_key, from_field, from_key
-from ingest.http.ratelimit import RateLimiter
-from ingest.intake import Intake
+from ingest.http.identity import IDEMPOTENCY_HEADER, checked_key, from_field, from_key
+from ingest.http.operations import healthz, openapi, protected_metrics, readyz
 from ingest.messages import Message, WriteFailed
-from ingest.metrics import ANONYMOUS, Metrics
-from ingest.receipts import REQUEST_ID_HEADER, Counts, Ledger, is_sane
+from ingest.metrics import ANONYMOUS
+from ingest.receipts import REQUEST_ID_HEADER, is_sane
 from ingest.vocabulary import ACK_MODES
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True, kw_only=True)
-class RouteConfig:
-    intake: Intake  # the one way into the pipeline (intake.py)
-    metrics: Metrics
-    max_body_bytes: int
-    default_ack: str
-    id_field: str | None
-    identities: Generator
-    tokens: Tokens | None
-    metrics_token: str | None
-    unprotected_warning: str | None  # said by /readyz when anyone may push from the network
-    rate_limiter: RateLimiter | None
-    guard: ConnectionGuard
-    body_timeout_s: float
-    ledger: Ledger
-    lookup_receipt: Callable[[str], Counts | None]  # from the database; blocking, so run on `lookups`
-    lookups: Executor
-    lookup_timeout_s: float
-    # --workers: this worker's exposition -> every worker's, added up (metrics_merge.py)
-    merge_metrics: Callable[[str], Awaitable[str]] | None
-    is_stopping: Callable[[], bool]
-    is_healthy: Callable[[], bool]
-    not_ready: Callable[[], str | None]  # None when ready, else why not
-
-
-CONFIG = web.AppKey("config", RouteConfig)
 
 
 def make_app(config: RouteConfig) -> web.Application:
@@ -86,48 +48,9 @@ def make_app(config: RouteConfig) -> web.Application:
     app.router.add_get("/requests/{id}", get_request)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", _protected_metrics(config))
+    app.router.add_get("/metrics", protected_metrics(config))
     app.router.add_get("/openapi.json", openapi)
     return app
-
-
-# The API's contract, shipped in the package; read once, served as it is.
-_OPENAPI = (Path(__file__).with_name("openapi.json")).read_bytes()
-
-
-async def openapi(_request: web.Request) -> web.Response:
-    return web.Response(body=_OPENAPI, content_type="application/json")
-
-
-def _protected_metrics(config: RouteConfig) -> Handler:
-    serve = make_aiohttp_handler(config.metrics.registry) if config.merge_metrics is None else _merged_metrics(config)
-    if config.metrics_token is None:
-        return serve
-    expected = f"Bearer {config.metrics_token}".encode()
-
-    async def metrics(request: web.Request) -> web.StreamResponse:
-        presented = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(presented, expected):
-            raise Unauthorized("/metrics needs Authorization: Bearer <metrics token>")
-        return await serve(request)
-
-    return metrics
-
-
-def _merged_metrics(config: RouteConfig) -> Handler:
-    merge = config.merge_metrics
-    assert merge is not None
-
-    async def metrics(_request: web.Request) -> web.Response:
-        text = await merge(generate_latest(config.metrics.registry).decode())
-        return web.Response(text=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    return metrics
-
-
-def error_response(status: int, error: str, detail: Any = None, retry_after_s: float | None = None) -> web.Response:
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
-    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
 
 
 @web.middleware
@@ -209,7 +132,7 @@ async def post_messages(config: RouteConfig, request: web.Request) -> web.Respon
         raise Invalid(f"ack must be enqueue or commit, not {ack_mode!r}")
     if config.is_stopping():
         raise ShuttingDown("service is shutting down")
-    raw = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
+    raw = await read_body(request, config.max_body_bytes, config.body_timeout_s)
     texts = decode(
         decompress(raw, request.headers.get("Content-Encoding", ""), config.max_body_bytes),
         request.headers.get("Content-Type", ""),
@@ -327,45 +250,3 @@ def _json_reply(status: int, text: str, request_id: str) -> web.Response:
     )
 
 
-async def _read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
-    """The raw body; over `limit` is TooLarge, whether Content-Length says so or the read finds
-    out; not all there within `timeout_s` is RequestTimeout (a slow client holds no more)."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise _too_large(limit)
-    content = request.content
-    if content.is_eof():  # all of it is here (the usual case for a small body)
-        # Taken as it lies in the buffer: request.read() awaits twice and copies twice to find
-        # that out, which cost a 1-message request 3-4 µs of the listener (measured in place).
-        raw = content.read_nowait()
-        if len(raw) > limit:  # chunked: no Content-Length said so
-            raise _too_large(limit)
-        return raw
-    try:
-        async with asyncio.timeout(timeout_s):  # a timer, not a task a request as wait_for makes
-            return await request.read()
-    except web.HTTPRequestEntityTooLarge:  # a chunked body, past client_max_size
-        raise _too_large(limit) from None
-    except TimeoutError:
-        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
-
-
-def _too_large(limit: int) -> TooLarge:
-    return TooLarge(f"body is over {limit} bytes", {"limit": limit})
-
-
-async def healthz(request: web.Request) -> web.Response:
-    healthy = request.app[CONFIG].is_healthy()
-    return web.json_response({"healthy": healthy}, status=200 if healthy else 503)
-
-
-async def readyz(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
-    reason = config.not_ready()
-    ready = reason is None
-    body: dict[str, object] = {"ready": ready}
-    if reason is not None:
-        body["reason"] = reason
-    if config.unprotected_warning is not None:
-        body["warning"] = config.unprotected_warning
-    return web.json_response(body, status=200 if ready else 503)
