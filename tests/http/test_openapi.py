@@ -53,7 +53,7 @@ def test_every_status_documented_for_post_messages_is_produced(make_service, pos
     tokens.write_text(f"client:{TOKEN}\n")
     service = make_service(db_url=postgres_url, auth_tokens=str(tokens), rate_limit=1000, rate_burst=500,
                            body_timeout_s=1.0, max_body_bytes=20_000, spool=str(tmp_path / "s.db"),
-                           spool_max_bytes=10_000)
+                           spool_max_bytes=10_000, drain_timeout_s=2.0)  # its drain cannot finish: don't wait 20 s
     auth = {"Authorization": f"Bearer {TOKEN}"}
     json_type = {"Content-Type": "application/json", **auth}
 
