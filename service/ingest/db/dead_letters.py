@@ -18,7 +18,8 @@ from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.sql.elements import ColumnElement
 
 from ingest.db import receipt_rows
-from ingest.db.store import classify, insert_unless_stored
+from ingest.db.message_rows import insert_unless_stored
+from ingest.db.store import classify
 from ingest.db.tables import dead_letters
 from ingest.errors import PermanentStoreError, TransientStoreError, first_line
 from ingest.messages import Message
