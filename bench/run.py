@@ -34,7 +34,7 @@ from pathlib import Path
 
 import psycopg
 
-from ingest.tools.push import make_message
+from ingest.tools.bodies import make_message
 
 READY = re.compile(r"ingest ready on (http://\S+)")
 

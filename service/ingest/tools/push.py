@@ -3,20 +3,20 @@
 It speaks only HTTP and imports nothing from the server side, so it sees what a real client sees.
 Pacing is a schedule (open loop), not "send when the last reply came back": a slow service shows
 up as latency and catch-up, not as a quietly lower offered load.
+
+This module is the sending loop; what to send and when is options.py, the bodies bodies.py, and
+what a reply means replies.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gzip as gzip_codec
 import json
 import math
 import random
 import ssl
 import uuid
-from bisect import bisect_left
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -24,145 +24,20 @@ import aiohttp
 import yarl
 
 from ingest.errors import ClientError, ConfigError
-from ingest.tools.report import PushSummary, Receipts
-from ingest.vocabulary import ACK_MODES
 
-BURST_INTERVAL_S = 1.0
-RETRY_AFTER_DEFAULT_S = 1.0
-RETRY_AFTER_CAP_S = 30.0
-BACKOFF_BASE_S = 0.1
-BACKOFF_CAP_S = 5.0
+# Each `X as X` is a re-export: the CLI and tests know PushOptions, make_message, BACKOFF_CAP_S as push's.
+from ingest.tools.bodies import encode_body, request_headers
+from ingest.tools.bodies import make_message as make_message
+from ingest.tools.options import PushOptions as PushOptions
+from ingest.tools.options import due_s
+from ingest.tools.replies import BACKOFF_CAP_S as BACKOFF_CAP_S
+from ingest.tools.replies import backoff_s, describe_connection_error, describe_response, retry_after_s
+from ingest.tools.report import PushSummary, Receipts
+
 # Refusals before any HTTP reply mean "nothing listens there", not "restarting": give up early.
 UNREACHABLE_AFTER_ATTEMPTS = 5
-ERROR_TEXT_LIMIT = 200
-SENSORS = 16
 RECEIPT_SAMPLE = 100  # requests whose receipts --receipts checks
 RECEIPT_POLL_S = 0.5
-
-
-@dataclass(frozen=True, kw_only=True)
-class PushOptions:
-    """What to send and how fast; checked on construction, so a bad value fails before any I/O.
-
-    Pacing, counted from the start of the run: with `rate`, message n is due at n / rate s. With
-    `burst`, `burst` extra messages are due at once at the start and every BURST_INTERVAL_S (1 s)
-    after; with `burst` but no `rate`, the load is those bursts only. A request leaves when its
-    first message is due; requests held back by `concurrency` or retries leave as soon as a slot
-    frees, catching up with the schedule.
-    """
-
-    url: str
-    count: int
-    batch: int = 100
-    concurrency: int = 16
-    rate: float | None = None
-    burst: int = 0
-    ack: str = "enqueue"
-    request_timeout_s: float = 60.0
-    max_attempts: int = 50
-    gzip: bool = False
-    idempotent: bool = False  # an Idempotency-Key on every request, so any retry is safe
-    token: str | None = None  # sent as Authorization: Bearer, for a service with --auth-tokens
-    cacert: str | None = None  # a CA file to trust for https:// (a service with --tls-cert)
-    receipts: bool = False  # at the end, check that a sample of the requests is stored
-    receipt_timeout_s: float = 60.0  # how long the check waits for pending messages
-
-    def __post_init__(self) -> None:
-        problem = _problem(self)
-        if problem is not None:
-            raise ConfigError(f"push: {problem}")
-
-
-def _problem(o: PushOptions) -> str | None:
-    """The first thing wrong with `o`, as one line, or None."""
-    rate_ok = o.rate is None or (o.rate > 0 and math.isfinite(o.rate))
-    checks = (
-        (o.url.startswith(("http://", "https://")), f"url must be http(s)://…, got {o.url!r}"),
-        (o.count >= 0, f"count must be >= 0, got {o.count}"),
-        (o.batch >= 1, f"batch must be >= 1, got {o.batch}"),
-        (o.concurrency >= 1, f"concurrency must be >= 1, got {o.concurrency}"),
-        (rate_ok, f"rate must be a positive number of messages/s, got {o.rate}"),
-        (o.burst >= 0, f"burst must be >= 0, got {o.burst}"),
-        (o.ack in ACK_MODES, f"ack must be one of {', '.join(ACK_MODES)}, got {o.ack!r}"),
-        (o.request_timeout_s > 0, f"request_timeout_s must be > 0, got {o.request_timeout_s}"),
-        (o.max_attempts >= 1, f"max_attempts must be >= 1, got {o.max_attempts}"),
-        (o.receipt_timeout_s > 0, f"receipt_timeout_s must be > 0, got {o.receipt_timeout_s}"),
-    )
-    return next((message for ok, message in checks if not ok), None)
-
-
-def due_s(
-    seq: int, *, rate: float | None, burst: int, interval_s: float = BURST_INTERVAL_S
-) -> float:
-    """When message `seq` may leave, in seconds from the start (the model is in PushOptions)."""
-    if rate is None:
-        return 0.0 if burst == 0 else (seq // burst) * interval_s
-    if burst == 0:
-        return seq / rate
-    # Merge the steady slots (one at each j / rate) with the burst slots (`burst` at each
-    # i * interval_s): message `seq` takes the slot of rank `seq`, so find the first time, among
-    # either kind of slot, by which more than `seq` slots exist.
-    steady = bisect_left(
-        range(seq + 1),
-        True,
-        key=lambda j: j + 1 + burst * (math.floor(j / rate / interval_s) + 1) > seq,
-    )
-    bursts = bisect_left(
-        range(seq // burst + 1),
-        True,
-        key=lambda i: math.floor(i * interval_s * rate) + 1 + burst * (i + 1) > seq,
-    )
-    return min(steady / rate, bursts * interval_s)
-
-
-def retry_after_s(header: str | None) -> float:
-    """The wait a 503 asks for: delta-seconds only, capped so one reply cannot stall the run."""
-    try:
-        value = float(header) if header is not None else RETRY_AFTER_DEFAULT_S
-    except ValueError:
-        return RETRY_AFTER_DEFAULT_S
-    if not math.isfinite(value):
-        return RETRY_AFTER_DEFAULT_S
-    return min(max(value, 0.0), RETRY_AFTER_CAP_S)
-
-
-def backoff_s(attempt: int, jitter: float) -> float:
-    """Capped exponential backoff after failed `attempt` (1-based); `jitter` in [0, 1] spreads it."""
-    return min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2.0 ** (attempt - 1)) * (0.5 + jitter / 2)
-
-
-def make_message(seq: int, now: datetime) -> dict[str, object]:
-    """A plausible reading; `v` depends only on `seq`, so stored rows can be checked after a run."""
-    return {
-        "sensor": f"s-{seq % SENSORS}",
-        "seq": seq,
-        "v": round(20.0 + 5.0 * math.sin(seq / 10.0), 3),
-        "ts": now.isoformat(timespec="milliseconds"),
-    }
-
-
-def _message_json(seq: int, ts: str) -> str:
-    """make_message(seq, now) as compact JSON, formatted directly: the generator must not be
-    the bottleneck of the load it measures (every field is a number or a plain ASCII string)."""
-    v = round(20.0 + 5.0 * math.sin(seq / 10.0), 3)
-    return f'{{"sensor":"s-{seq % SENSORS}","seq":{seq},"v":{v!r},"ts":"{ts}"}}'
-
-
-def encode_body(first: int, size: int, *, ndjson: bool, gzip: bool, now: datetime) -> bytes:
-    """Messages first..first+size-1 as NDJSON lines, or as one bare object when not `ndjson`."""
-    if not ndjson and size != 1:
-        raise ValueError(f"a JSON body holds one message, not {size}")
-    ts = now.isoformat(timespec="milliseconds")
-    lines = [_message_json(seq, ts) for seq in range(first, first + size)]
-    body = ("\n".join(lines) + "\n" if ndjson else lines[0]).encode()
-    return gzip_codec.compress(body, compresslevel=1, mtime=0) if gzip else body
-
-
-def request_headers(*, ndjson: bool, gzip: bool) -> dict[str, str]:
-    headers = {"Content-Type": "application/x-ndjson" if ndjson else "application/json"}
-    if gzip:
-        headers["Content-Encoding"] = "gzip"
-    return headers
 
 
 def client_ssl(cacert: str | None) -> ssl.SSLContext | bool:
@@ -177,26 +52,6 @@ def client_ssl(cacert: str | None) -> ssl.SSLContext | bool:
 
 def messages_url(url: str, ack: str) -> str:
     return url.rstrip("/") + "/messages" + ("?ack=commit" if ack == "commit" else "")
-
-
-def describe_response(status: int, body: bytes) -> str:
-    """One line for a refused request: the service's JSON error, compacted, or its text."""
-    try:
-        text = json.dumps(json.loads(body), separators=(",", ":"))
-    except ValueError:
-        text = " ".join(body.decode("utf-8", "replace").split())
-    if len(text) > ERROR_TEXT_LIMIT:
-        text = text[: ERROR_TEXT_LIMIT - 1] + "…"
-    return f"HTTP {status}: {text}" if text else f"HTTP {status}"
-
-
-def describe_connection_error(exc: aiohttp.ClientConnectionError) -> str:
-    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
-    if isinstance(cause, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "server disconnected"
-    return str(exc) or type(exc).__name__
 
 
 class _Reply(NamedTuple):
