@@ -98,22 +98,6 @@ def test_example_config_file_is_valid_and_documents_every_setting(capsys) -> Non
     assert show(capsys, "--config", str(example))["queue_size"] == "10000"
 
 
-def test_readme_configuration_table_names_every_setting_by_flag_and_env_var() -> None:
-    """The README's table lists the same (flag, env var) pairs as the Settings fields, no more, no fewer."""
-    from pathlib import Path
-
-    from ingest.config import setting_specs
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    table = readme.split("\n| flag | env | default | |\n|---|---|---|---|\n", 1)[1].split("\n\n", 1)[0]
-    documented = set()
-    for row in table.splitlines():
-        flags, envvars = (cell.split(",") for cell in row.strip("|").split("|")[:2])
-        for flag, envvar in zip(flags, envvars, strict=True):
-            documented.add((flag.strip(" `").split("/")[0], envvar.strip(" `")))
-    assert documented == {(spec.flag.split("/")[0], spec.envvar) for spec in setting_specs()}
-
-
 def test_unknown_command_and_option_are_one_line(capsys) -> None:
     assert "No such command" in fail(capsys, "serv")
     assert "No such option" in fail(capsys, "serve", "--queue", "3")

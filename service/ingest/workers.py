@@ -1,7 +1,7 @@
 """`ingest serve --workers N`: N processes on one port, each a whole pipeline.
 
 One listener thread is the ceiling of one process: it holds the GIL about half the time, and
-waits for it much of the rest (README, Benchmark). Worker processes each run a complete Service
+waits for it much of the rest (docs/performance/benchmark.md). Worker processes each run a complete Service
 (listener, buffer, consumers, pool) and bind the same port with SO_REUSEPORT, so the kernel
 spreads connections among them; each has its own GIL.
 
@@ -221,7 +221,7 @@ def _pin(index: int) -> None:
     A worker's listener and consumers share one GIL, so at most one of them runs Python at a
     time; spread over cores, each hand-over also moves the data to another core's cache. With
     2 workers on 2 cores, alternated runs (wrk, 1 message a request) gave 62-69 µs of worker CPU
-    a request pinned against 67-84 unpinned (README, Benchmark). Off by default: on a large
+    a request pinned against 67-84 unpinned (docs/performance/benchmark.md). Off by default: on a large
     machine a worker's I/O threads may do better spread out."""
     if not hasattr(os, "sched_setaffinity"):
         raise StartupError("--pin-workers needs a system with sched_setaffinity (Linux)")
