@@ -14,10 +14,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from ingest.cli import run
 from ingest.spool import file as spool
 from ingest.spool.writer import SpoolWriter
 from support.httpclient import Reply, post_ndjson, request
 from support.probes import metric
+from support.stages import refuse_bad
 from support.tcpproxy import TcpProxy
 from support.waiting import wait_until
 
@@ -382,3 +384,92 @@ def test_whole_fresh_requests_skip_the_upsert_and_one_there_already_takes_the_ca
         rows = {row.id: (row.accepted, row.stored) for row in conn.execute(select(requests))}
         assert conn.execute(select(dead_letters)).first() is None
     assert rows == {**{r.id: (1, 2) for r in fresh}, split.id: (3, 4), client.id: (1, 2)}
+
+
+# ---------------------------------------------------------------- receipts per client (tokens)
+
+ALICE = {"Authorization": "Bearer alice-token-0123456789"}
+BOB = {"Authorization": "Bearer bob-token-0123456789xx"}
+
+
+def _two_clients(tmp_path: Path) -> str:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:alice-token-0123456789\nbob:bob-token-0123456789xx\n")
+    return str(tokens)
+
+
+def test_with_tokens_a_receipt_is_its_clients_alone(make_service, db_url, tmp_path) -> None:
+    """Ids made here (Postgres: the COPY path) and ids the client sent (the upsert) alike; in the
+    ledger while pending, then in the database."""
+    service = make_service(db_url=db_url, auth_tokens=_two_clients(tmp_path))
+    made = _push(service.url, 4, query="?ack=commit", headers=ALICE).json()["request"]
+    sent = _push(service.url, 3, query="?ack=commit", headers={**ALICE, "X-Request-Id": "alice-order-1"})
+    assert sent.status == 201
+    for request_id, accepted in ((made, 4), ("alice-order-1", 3)):
+        mine = _receipt(service.url, request_id, ALICE)
+        assert mine.status == 200 and mine.json()["stored"] == accepted, mine.body
+        theirs = _receipt(service.url, request_id, BOB)
+        assert theirs.status == 404 and theirs.json() == _receipt(service.url, "never-sent", BOB).json() | {
+            "detail": {"request": request_id}
+        }
+    # Bob reusing Alice's id stores his messages, but neither reads nor changes her receipt.
+    assert _push(service.url, 2, query="?ack=commit", headers={**BOB, "X-Request-Id": "alice-order-1"}).status == 201
+    assert _receipt(service.url, "alice-order-1", BOB).status == 404
+    assert _receipt(service.url, "alice-order-1", ALICE).json()["accepted"] == 3
+
+
+def test_with_tokens_a_pending_receipt_is_its_clients_alone(make_service, sqlite_url, tmp_path) -> None:
+    service = make_service(auth_tokens=_two_clients(tmp_path), batch_linger_s=0)
+    lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")  # nothing commits: only the ledger knows the request
+        request_id = _push(service.url, 2, headers=ALICE).json()["request"]
+        assert _receipt(service.url, request_id, ALICE).json()["pending"] == 2
+        assert _receipt(service.url, request_id, BOB).status == 404
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+
+
+def test_without_tokens_receipts_have_no_client_and_anyone_reads_them(make_service, sqlite_url) -> None:
+    service = make_service()
+    request_id = _push(service.url, 2, query="?ack=commit").json()["request"]
+    assert _counts(service.url, request_id)["stored"] == 2
+    conn = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+    try:
+        assert conn.execute("SELECT client FROM requests WHERE id = ?", (request_id,)).fetchall() == [(None,)]
+    finally:
+        conn.close()
+
+
+def test_with_tokens_a_receipt_keeps_its_client_across_a_restart_with_the_spool(
+    make_service, sqlite_url, tmp_path
+) -> None:
+    path = str(tmp_path / "spool.db")
+    tokens = _two_clients(tmp_path)
+    first = make_service(spool=path, drain_timeout_s=1.0, batch_linger_s=0, auth_tokens=tokens)
+    lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        request_id = _push(first.url, 5, headers=ALICE).json()["request"]
+        first.shutdown.stopping.set()
+        wait_until(lambda: first.spool is not None and not first.spool.writer.is_alive(), 30,
+                   "the first service stopped")
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    second = make_service(spool=path, auth_tokens=tokens)
+    wait_until(lambda: _receipt(second.url, request_id, ALICE).status == 200, 30, "the recovered request stored")
+    assert _receipt(second.url, request_id, BOB).status == 404
+
+
+def test_dead_letters_list_names_the_client(make_service, postgres_head_url, make_engine, tmp_path, capsys) -> None:
+    refuse_bad(make_engine(postgres_head_url))
+    service = make_service(db_url=postgres_head_url, consumers=1, batch_linger_s=0, auth_tokens=_two_clients(tmp_path))
+    reply = request(f"{service.url}/messages?ack=commit", "POST", b'{"bad": 1}\n{"ok": 1}\n',
+                    {"Content-Type": "application/x-ndjson", **BOB})
+    assert reply.status == 500, reply.body
+    capsys.readouterr()
+    assert run(["dead-letters", "list", "--db", postgres_head_url, "--json"]) in (0, None)
+    (letter,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert letter["client"] == "bob" and letter["request"] == reply.json()["detail"]["request"]

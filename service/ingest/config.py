@@ -60,7 +60,7 @@ class Settings:
     auth_tokens: str | None = setting(
         None, "A file of name:token lines: POST /messages then needs Authorization: Bearer <token>. "
               "SIGHUP reloads it.")
-    max_connections: int = setting(1000, "Client connections open at once; more are closed at once.")
+    max_connections: int = setting(1000, "Client connections open at once; more are answered 503 and closed.")
     header_timeout_s: float = setting(10.0, "Seconds a connection has to send a request's headers.")
     body_timeout_s: float = setting(30.0, "Seconds a request has to send its body; then 408.")
     keepalive_timeout_s: float = setting(15.0, "Seconds an idle keep-alive connection stays open.")

@@ -29,17 +29,21 @@ class Receipt:
     nothing is pending: the 201's counts, or WriteFailed. It is marked running at once so a
     disconnecting client cannot cancel it under a consumer that is about to settle it.
     `fresh`: its id was made by this process, so no row of it is in the database until this
-    process writes one (receipt_rows.py may then insert instead of upsert).
+    process writes one (receipt_rows.py may then insert instead of upsert). `client`: with
+    --auth-tokens, the name of the client that sent it, the only one that may read it.
     """
 
     __slots__ = (
-        "accepted", "dead", "duplicates", "first_error", "fresh", "future", "id", "received_at", "stored", "unstored"
+        "accepted", "client", "dead", "duplicates", "first_error", "fresh", "future", "id", "received_at", "stored",
+        "unstored",
     )
 
     def __init__(
-        self, request_id: str, accepted: int, received_at: float, *, fresh: bool = False, waited_on: bool = False
+        self, request_id: str, accepted: int, received_at: float, *, fresh: bool = False, waited_on: bool = False,
+        client: str | None = None,
     ) -> None:
         self.id = request_id
+        self.client = client
         self.accepted = accepted
         self.received_at = received_at
         self.fresh = fresh

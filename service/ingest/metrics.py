@@ -100,12 +100,21 @@ class Metrics:
             "ingest_http_requests", "HTTP responses by status code", "code", registry=r
         )
         self.http_connections = Gauge("ingest_http_connections", "Client connections open", registry=r)
+        # Every connection over --max-connections is either refused (told 503) or closed unanswered
+        # (too_many); neither is in ingest_http_requests, which counts what the application answered.
         self.connections_refused = Counter(
-            "ingest_http_connections_closed", "Connections the guard closed: too_many, header_timeout",
+            "ingest_http_connections_refused",
+            "Connections over --max-connections whose request was answered 503 with Retry-After, then closed",
+            registry=r,
+        )
+        self.connections_closed = Counter(
+            "ingest_http_connections_closed",
+            "Connections the guard closed unanswered: too_many (over --max-connections, with no answer "
+            "possible or no request head in time), header_timeout",
             ["reason"], registry=r,
         )
         for reason in ("too_many", "header_timeout"):
-            self.connections_refused.labels(reason)
+            self.connections_closed.labels(reason)
         # Pre-create label values so dashboards show 0, not "no data".
         self.add_clients([ANONYMOUS])
         for code in HTTP_CODES:

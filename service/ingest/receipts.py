@@ -52,6 +52,13 @@ def is_sane(request_id: str) -> bool:
     return _SANE_ID.fullmatch(request_id) is not None
 
 
+def may_read(owner: str | None, client: str | None) -> bool:
+    """Whether `client` (None without tokens) may read a receipt `owner` sent: a receipt with an
+    owner is its owner's alone, with tokens; one without (sent without tokens, or before
+    receipts had owners) anyone's who may push."""
+    return client is None or owner is None or owner == client
+
+
 class Ledger:
     """The requests in flight in this process: accepted, not yet all stored or dead-lettered.
 
@@ -74,19 +81,22 @@ class Ledger:
     def __len__(self) -> int:
         return len(self._open)
 
-    def open(self, sent: str | None, accepted: int, received_at: float, *, waited_on: bool = False) -> Receipt:
+    def open(
+        self, sent: str | None, accepted: int, received_at: float, *, waited_on: bool = False, client: str | None = None
+    ) -> Receipt:
         """A receipt for a request about to be enqueued, under the client's id if it sent one of
         sane form, else a new one (unique without coordination); withdraw() it if that fails.
 
         An id already in flight (a client reusing its ids) is answered for by the newest request
         here; in the database the counts of all requests sent under one id add up. `waited_on`:
-        its client awaits the commit (ack=commit), on the receipt's future.
+        its client awaits the commit (ack=commit), on the receipt's future. `client`: its owner,
+        with tokens (see may_read).
         """
         if sent is not None and _SANE_ID.fullmatch(sent):
-            receipt = Receipt(sent, accepted, received_at, waited_on=waited_on)
+            receipt = Receipt(sent, accepted, received_at, waited_on=waited_on, client=client)
         else:
             request_id = f"{self._prefix}{next(self._counter):x}"
-            receipt = Receipt(request_id, accepted, received_at, fresh=True, waited_on=waited_on)
+            receipt = Receipt(request_id, accepted, received_at, fresh=True, waited_on=waited_on, client=client)
         with self._lock:
             self._open[receipt.id] = receipt
         return receipt
@@ -101,10 +111,11 @@ class Ledger:
         with self._lock:
             return self._open.get(request_id)
 
-    def lookup(self, request_id: str) -> Counts | None:
+    def lookup(self, request_id: str, client: str | None = None) -> Counts | None:
+        """Its counts so far, if it is in flight here and `client` may read it (may_read)."""
         with self._lock:
             receipt = self._open.get(request_id)
-            if receipt is None:
+            if receipt is None or not may_read(receipt.client, client):
                 return None
             return Counts.of(receipt.accepted, receipt.in_database, receipt.dead)
 

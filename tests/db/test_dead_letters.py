@@ -73,6 +73,7 @@ def add_letter(
     failed_at: datetime = T0,
     ident: str | None = None,
     request: str | None = None,
+    client: str | None = None,
     error: str = "IntegrityError: refused",
 ) -> int:
     row = {
@@ -82,6 +83,7 @@ def add_letter(
         "error": error,
         "ident": ident,
         "request": request,
+        "client": client,
     }
     with engine.begin() as conn:
         return int(conn.execute(insert(letters_table).values(row).returning(letters_table.c.id)).scalar_one())
@@ -123,7 +125,7 @@ def letter_errors(engine: Engine) -> dict[int, str]:
 
 def test_list_oldest_first_as_a_table_and_as_ndjson(engine, db_url, capsys) -> None:
     long_payload = json.dumps({"text": "x" * 200, "bad": True})
-    late = add_letter(engine, '{"n": 2}', failed_at=T0 + timedelta(hours=2), request="req-b")
+    late = add_letter(engine, '{"n": 2}', failed_at=T0 + timedelta(hours=2), request="req-b", client="alice")
     early = add_letter(
         engine,
         long_payload,
@@ -137,10 +139,11 @@ def test_list_oldest_first_as_a_table_and_as_ndjson(engine, db_url, capsys) -> N
     code, out, _ = cli(capsys, "list", "--db", db_url)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["id", "failed_at", "(UTC)", "request", "error", "payload"]
+    assert lines[0].split() == ["id", "failed_at", "(UTC)", "request", "client", "error", "payload"]
     assert [int(line.split()[0]) for line in lines[1:4]] == [early, middle, late]
     assert "2026-11-20 08:00:00  req-a" in lines[1] and lines[1].endswith("...")
     assert "-" in lines[2].split() and '{"n": 1}' in lines[2]  # no request; the payload's newline folded
+    assert "req-b             alice" in lines[3]
     assert lines[4] == "3 dead letter(s)"
     assert max(len(line) for line in lines) < 160  # shortened, not the full 200-character payload
 
@@ -156,8 +159,10 @@ def test_list_oldest_first_as_a_table_and_as_ndjson(engine, db_url, capsys) -> N
         "error": "IntegrityError: CHECK constraint failed: " + "y" * 100,
         "ident": "f:1",
         "request": "req-a",
+        "client": None,
     }
     assert rows[1]["payload"] == '{"n":\n 1}' and rows[1]["request"] is None
+    assert rows[2]["client"] == "alice"
 
 
 def test_list_since_and_limit_say_how_many_more(engine, db_url, capsys) -> None:
@@ -430,7 +435,7 @@ def test_a_database_without_the_tables_says_to_upgrade(empty_db_url, make_engine
     code, _, err = cli(capsys, "list", "--db", empty_db_url)
     assert code == 1
     assert one_line_error(err).endswith(
-        ": schema is at revision none, this ingest needs 0003 (missing messages, dead_letters, requests): "
+        ": schema is at revision none, this ingest needs 0004 (missing messages, dead_letters, requests): "
         "run `ingest db upgrade`"
     )
 
@@ -438,8 +443,8 @@ def test_a_database_without_the_tables_says_to_upgrade(empty_db_url, make_engine
     code, _, err = cli(capsys, "replay", "--db", empty_db_url, "--all")
     assert code == 1
     assert one_line_error(err).endswith(
-        ": schema is at revision 0002, this ingest needs 0003 "
-        "(missing dead_letters.ident, dead_letters.request, requests): run `ingest db upgrade`"
+        ": schema is at revision 0002, this ingest needs 0004 "
+        "(missing dead_letters.ident, dead_letters.request, dead_letters.client, requests): run `ingest db upgrade`"
     )
 
 

@@ -5,7 +5,7 @@ import sys
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from ingest.db import migrate
 from ingest.db.tables import metadata
@@ -16,7 +16,7 @@ def test_upgrade_creates_tables_without_drift(empty_db_url, make_engine) -> None
     assert migrate.current(engine) is None
     migrate.upgrade(engine)
     migrate.upgrade(engine)  # a second run is a no-op
-    assert migrate.current(engine) == migrate.head() == "0003"
+    assert migrate.current(engine) == migrate.head() == "0004"
     assert {"messages", "dead_letters", "alembic_version"} <= set(inspect(engine).get_table_names())
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
@@ -28,9 +28,9 @@ def test_ingest_db_upgrade_command_from_any_directory(postgres_url, tmp_path) ->
     command = [sys.executable, "-m", "ingest", "db", "upgrade", "--db", postgres_url]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith(": empty -> 0003")
+    assert done.stdout.strip().endswith(": empty -> 0004")
     again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    assert again.stdout.strip().endswith(": 0003 -> 0003")
+    assert again.stdout.strip().endswith(": 0004 -> 0004")
 
 
 def test_serve_without_migrations_on_empty_database_says_what_to_do(empty_sqlite_url) -> None:
@@ -40,7 +40,7 @@ def test_serve_without_migrations_on_empty_database_says_what_to_do(empty_sqlite
     )
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == (
-        "ingest: error: database schema is at revision none, this ingest needs 0003 "
+        "ingest: error: database schema is at revision none, this ingest needs 0004 "
         "(missing messages, dead_letters, requests): run `ingest db upgrade` or start without --no-migrate"
     )
 
@@ -60,3 +60,24 @@ def test_each_test_gets_its_own_copy_of_a_database_at_head(sqlite_url, sqlite_te
     template = make_engine(f"sqlite:///{sqlite_template}")
     with template.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM messages").scalar_one() == 0
+
+
+def test_upgrading_from_0003_keeps_receipts_and_letters_without_a_client(empty_db_url, make_engine) -> None:
+    engine = make_engine(empty_db_url)
+    migrate.upgrade(engine, "0003")
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO requests (id, accepted, stored, dead_lettered, received_at) "
+            "VALUES ('old-1', 3, 2, 1, CURRENT_TIMESTAMP)"
+        ))
+        conn.execute(text(
+            "INSERT INTO dead_letters (received_at, payload, error, request) "
+            "VALUES (CURRENT_TIMESTAMP, '{', 'refused', 'old-1')"
+        ))
+    migrate.upgrade(engine)
+    assert migrate.current(engine) == "0004"
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT id, accepted, stored, dead_lettered, client FROM requests")).all() == [
+            ("old-1", 3, 2, 1, None)
+        ]
+        assert conn.execute(text("SELECT request, client FROM dead_letters")).all() == [("old-1", None)]

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import resource
 import socket
 import threading
+from collections.abc import Iterator
 
-from support.httpclient import post_json
+import pytest
+
+from ingest.http.guard import MAX_REFUSING
+from support.httpclient import Reply, post_json, request
 from support.probes import metric
+from support.serving import serving
 from support.waiting import wait_until
 
 
@@ -134,3 +141,115 @@ def test_errors_aiohttps_parser_writes_are_json_too(make_service) -> None:
         assert b"Content-Type: application/json" in head, (case, head)
         reply = json.loads(body)
         assert reply["error"] and reply["detail"] is None, (case, reply)
+
+
+# ---------------------------------------------------------------- over the cap: told 503, not dropped
+
+
+@pytest.fixture
+def many_descriptors() -> Iterator[None]:
+    """Room for thousands of sockets in this process (the service's and the test's ends)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard, 16384)
+    if wanted < 8192:
+        pytest.fail(f"RLIMIT_NOFILE hard limit {hard}: this test needs 8192 descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _refused(reply: Reply, retry_after: int) -> bool:
+    assert reply.status == 503, (reply.status, reply.body)
+    assert reply.headers["retry-after"] == str(retry_after)
+    assert reply.headers["connection"] == "close"
+    assert reply.headers["content-type"].startswith("application/json")
+    assert reply.json()["error"].startswith("too many connections"), reply.body
+    return True
+
+
+def test_over_the_cap_1500_idle_connections_leave_others_a_503_then_a_202(make_service, many_descriptors) -> None:
+    service = make_service(max_connections=1500, header_timeout_s=8.0)
+    idle = [_connect(service.port) for _ in range(1500)]
+    try:
+        wait_until(lambda: metric(service, "ingest_http_connections") == 1500, 20, "1500 idle connections held")
+        for n in range(20):  # Retry-After: the header timeout plus its sweep
+            assert _refused(post_json(service.url, {"while_held": n}), retry_after=9)
+        assert metric(service, "ingest_http_connections_refused_total") == 20
+        assert not any(_closed_by_server(s) for s in idle), "an answer over the cap took a held place"
+        # The header timeout frees the places; the same clients are then served.
+        wait_until(lambda: post_json(service.url, {"after": 1}).status == 202, 30, "a 202 once the idle ones go")
+        wait_until(
+            lambda: metric(service, "ingest_http_connections_closed_total", {"reason": "header_timeout"}) >= 1500, 30,
+            "every idle connection closed by the header timeout",
+        )
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def _scrape(url: str, name: str) -> float:
+    text = request(f"{url}/metrics").body.decode()
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_5000_attempts_over_the_cap_leave_descriptors_and_memory_bounded(tmp_path, many_descriptors) -> None:
+    """A real `ingest serve`, its 50 places held: 5,000 more connections in waves of 500, half
+    sending a request, half saying nothing. The service's descriptors never pass the cap plus
+    the bound on answers in progress, and come back; its RSS does not grow with the attempts."""
+    args = ["--db", f"sqlite:///{tmp_path / 'cap.db'}", "--max-connections", "50", "--header-timeout", "60"]
+    with serving(args) as proc:
+        pid, port = proc.process.pid, int(proc.url.rpartition(":")[2])
+        held = [_connect(port) for _ in range(50)]
+        probes = 0  # answered 503: counted by the service like the attempts
+
+        def full() -> bool:
+            nonlocal probes
+            try:
+                refused = post_json(proc.url, {"probe": 1}).status == 503
+            except OSError:
+                return False
+            probes += refused
+            return refused
+
+        try:
+            wait_until(full, 20, "the 50 places held")
+            fds_before, rss_before = _fds(pid), _rss_kib(pid)
+            head = b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+            peak, answered = 0, 0
+            for _wave in range(10):
+                wave = []
+                for n in range(500):
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                    if n % 2 == 0:
+                        with contextlib.suppress(OSError):
+                            sock.sendall(head)
+                    wave.append(sock)
+                    if n % 50 == 0:
+                        peak = max(peak, _fds(pid))
+                for n, sock in enumerate(wave):
+                    if n % 2 == 0:
+                        with contextlib.suppress(OSError):
+                            answered += sock.recv(65536).startswith(b"HTTP/1.1 503")
+                    sock.close()
+            assert answered > 0
+            assert peak <= fds_before + MAX_REFUSING + 16, (fds_before, peak)
+            wait_until(lambda: _fds(pid) <= fds_before + 2, 20, "the service's descriptors back to before")
+            rss_after = _rss_kib(pid)
+            assert rss_after - rss_before < 20 * 1024, (rss_before, rss_after)
+        finally:
+            for sock in held:
+                sock.close()
+        wait_until(lambda: post_json(proc.url, {"after": 1}).status == 202, 20, "the places free again")
+        refused = _scrape(proc.url, "ingest_http_connections_refused_total")
+        closed = _scrape(proc.url, 'ingest_http_connections_closed_total{reason="too_many"}')
+        assert refused >= answered
+        assert refused + closed == 5000 + probes  # every attempt over the cap told or closed

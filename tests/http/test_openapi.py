@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, settings
 from ingest.config import Settings
 from ingest.service import Service
 from support.httpclient import request
+from support.probes import metric
 from support.waiting import wait_until
 
 OPENAPI = Path(__file__).resolve().parents[2] / "service" / "ingest" / "http" / "openapi.json"
@@ -81,7 +82,7 @@ def test_every_status_documented_for_post_messages_is_produced(make_service, pos
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_every_status_documented_for_the_other_routes_is_produced(make_service, monkeypatch) -> None:
     token = "metrics-token-0123456789"
-    service = make_service(consumers=1, metrics_token=token, batch_linger_s=0)
+    service = make_service(consumers=1, metrics_token=token, batch_linger_s=0, max_connections=5)
     seen: dict[str, set[int]] = {path: set() for path in ("/healthz", "/readyz", "/metrics", "/openapi.json")}
 
     def get(path: str, headers: dict[str, str] | None = None) -> None:
@@ -101,6 +102,14 @@ def test_every_status_documented_for_the_other_routes_is_produced(make_service, 
     assert request(f"{service.url}/messages", "POST", b'{"a": 1}', {"Content-Type": "application/json"}).status == 202
     wait_until(lambda: not service.health.healthy(), 10, "the consumer dead")
     get("/healthz")
+    held = [socket.create_connection(("127.0.0.1", service.port), timeout=10) for _ in range(5)]
+    try:  # over the connection cap, every route answers 503
+        wait_until(lambda: metric(service, "ingest_http_connections") == 5, 10, "the cap reached")
+        for path in seen:
+            get(path, {"Authorization": f"Bearer {token}"})
+    finally:
+        for sock in held:
+            sock.close()
     for path, statuses in seen.items():
         documented = {int(code) for code in DOC["paths"][path]["get"]["responses"]}
         assert statuses == documented, (path, statuses, documented)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -41,9 +42,11 @@ def test_a_request_larger_than_the_burst_passes_when_the_bucket_is_full_and_leav
 
 
 def test_the_table_of_clients_is_bounded() -> None:
-    limiter = RateLimiter(1, 1, max_clients=3)
+    clock = Clock()
+    limiter = RateLimiter(1, 1, max_clients=3, clock=clock)
     for n in range(10):
         limiter.take(f"client-{n}", 1)
+        clock.now += 1  # the bucket is full again: it may be forgotten
     assert "3 client(s)" in repr(limiter)
 
 
@@ -79,3 +82,32 @@ def test_push_waits_out_429s_and_everything_arrives(make_service) -> None:
     service = make_service(rate_limit=200, rate_burst=50)
     summary = run(PushOptions(url=service.url, count=400, batch=50, concurrency=2))
     assert summary.acknowledged == 400 and summary.retried > 0, summary.format()
+
+
+def test_a_flooder_is_not_forgotten_however_many_addresses_come_after_it() -> None:
+    clock = Clock()
+    limiter = RateLimiter(1, 10, max_clients=100, clock=clock)
+    limiter.take("flooder", 10)  # its bucket is empty now
+    # Many more clients than the table holds (a sender with many source addresses), each
+    # spending a little: none of their buckets is full, so none may push the flooder out.
+    for n in range(300):
+        with contextlib.suppress(RateLimited):
+            limiter.take(f"10.0.{n // 256}.{n % 256}", 1)
+    with pytest.raises(RateLimited):
+        limiter.take("flooder", 1)
+    assert "100 client(s)" in repr(limiter)
+
+
+def test_with_every_bucket_in_debt_new_clients_share_one_bucket_and_full_ones_make_room() -> None:
+    clock = Clock()
+    limiter = RateLimiter(1, 10, max_clients=100, clock=clock)
+    for n in range(100):
+        limiter.take(f"client-{n}", 10)
+    limiter.take("new-1", 10)  # the shared bucket, full once
+    with pytest.raises(RateLimited):
+        limiter.take("new-2", 1)  # shares it: not a full bucket of its own
+    clock.now += 10  # every bucket in the table is full again: one may go
+    limiter.take("new-2", 10)
+    with pytest.raises(RateLimited):
+        limiter.take("new-2", 1)  # it has a bucket of its own now, and spent it
+    assert "100 client(s)" in repr(limiter)

@@ -177,7 +177,7 @@ def _foreign(path: Path) -> None:
 
 def _newer(path: Path) -> None:
     _spool_with_rows(path, 1)
-    _execute(path, "UPDATE meta SET value = '3' WHERE key = 'version'")
+    _execute(path, "UPDATE meta SET value = '4' WHERE key = 'version'")
 
 
 def _truncated(path: Path) -> None:
@@ -191,7 +191,7 @@ def _truncated(path: Path) -> None:
     [
         (lambda p: p.write_bytes(b"\x00garbage" * 512), "not a spool file (not SQLite"),
         (_foreign, "a SQLite file, but not an ingest spool (tables: notes)"),
-        (_newer, "format version 3, this ingest reads versions 1 to 2"),
+        (_newer, "format version 4, this ingest reads versions 1 to 3"),
         (_truncated, "damaged"),
     ],
     ids=["garbage", "foreign", "newer", "truncated"],

@@ -4,6 +4,10 @@ A replay moves one letter at a time, each in its own transaction: the letter is 
 (so two replays at once cannot both take it), then its message is inserted unless its identity
 is already stored, then its request's receipt moves it from dead-lettered to stored. A letter the
 database refuses again stays, with the new error. Functions here return data; ingest.cli.database prints.
+
+A letter names its client in a column of its own (0004), not through a join with `requests` on
+its request id: receipts are purged on their own schedule (`ingest requests purge`), and a
+request id another client reused names that receipt's first client, not the letter's.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class Letter:
     error: str
     ident: str | None
     request: str | None
+    client: str | None  # with --auth-tokens, the client that sent it
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> Letter:
@@ -69,6 +74,7 @@ class Letter:
             error=row.error,
             ident=row.ident,
             request=row.request,
+            client=row.client,
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -80,6 +86,7 @@ class Letter:
             "error": self.error,
             "ident": self.ident,
             "request": self.request,
+            "client": self.client,
         }
 
 
@@ -90,13 +97,14 @@ class Page:
 
     def table(self) -> list[str]:
         """A compact table, error and payload shortened to one line each, and a count line."""
-        lines = [_ROW.format("id", "failed_at (UTC)", "request", "error", "payload")] if self.letters else []
+        lines = [_ROW.format("id", "failed_at (UTC)", "request", "client", "error", "payload")] if self.letters else []
         for letter in self.letters:
             lines.append(
                 _ROW.format(
                     letter.id,
                     letter.failed_at.strftime("%Y-%m-%d %H:%M:%S"),
                     _shorten(letter.request or "-", 16),
+                    _shorten(letter.client or "-", 16),
                     _shorten(letter.error, 40),
                     _shorten(letter.payload, 48),
                 )
@@ -106,7 +114,7 @@ class Page:
         return lines
 
 
-_ROW = "{:>8}  {:19}  {:16}  {:40}  {}"
+_ROW = "{:>8}  {:19}  {:16}  {:16}  {:40}  {}"
 
 
 def _shorten(value: str, width: int) -> str:

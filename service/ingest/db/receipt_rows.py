@@ -11,6 +11,11 @@ cost the database 5.2 µs where the upsert's cost 9-10 µs (backend CPU, batches
 here). Should one exist after all (a batch written again after an uncertain commit), the COPY
 fails on the key, the transaction rolls back, and the store writes the batch the careful way,
 whose receipts are upserted.
+
+With --auth-tokens a row names its client (its owner). The first client known for an id keeps
+it: another client's request under the same id adds nothing to that row (it would otherwise
+change someone else's receipt), and a writer that knows no client (rows a spool kept from before
+receipts had owners) adds to any.
 """
 
 from __future__ import annotations
@@ -27,24 +32,27 @@ from sqlalchemy.sql.elements import ColumnElement
 from ingest.db.pool import ConnectionPool
 from ingest.db.tables import requests, stamps
 from ingest.messages import Message, Receipt
-from ingest.receipts import Counts
+from ingest.receipts import Counts, may_read
 
 _TABLE = requests.name
 _UPDATE = (
     "ON CONFLICT (id) DO UPDATE SET "
     f"accepted = {{greatest}}({_TABLE}.accepted, excluded.accepted), "
     f"stored = {_TABLE}.stored + excluded.stored, "
-    f"dead_lettered = {_TABLE}.dead_lettered + excluded.dead_lettered"
+    f"dead_lettered = {_TABLE}.dead_lettered + excluded.dead_lettered, "
+    f"client = coalesce({_TABLE}.client, excluded.client) "
+    f"WHERE {_TABLE}.client IS NULL OR excluded.client IS NULL OR {_TABLE}.client = excluded.client"
 )
 _UPSERT_POSTGRES = (
-    f"INSERT INTO {_TABLE} (id, accepted, stored, dead_lettered, received_at) "
-    "SELECT id, accepted, stored, dead, to_timestamp(received) FROM unnest("
-    "%s::text[], %s::int[], %s::int[], %s::int[], %s::float8[]) AS r(id, accepted, stored, dead, received) "
+    f"INSERT INTO {_TABLE} (id, accepted, stored, dead_lettered, received_at, client) "
+    "SELECT id, accepted, stored, dead, to_timestamp(received), client FROM unnest("
+    "%s::text[], %s::int[], %s::int[], %s::int[], %s::float8[], %s::text[]) "
+    "AS r(id, accepted, stored, dead, received, client) "
     + _UPDATE.format(greatest="GREATEST")
 )
-_COPY_POSTGRES = f"COPY {_TABLE} (id, accepted, stored, dead_lettered, received_at) FROM STDIN"
+_COPY_POSTGRES = f"COPY {_TABLE} (id, accepted, stored, dead_lettered, received_at, client) FROM STDIN"
 _UPSERT_SQLITE = (
-    f"INSERT INTO {_TABLE} (id, accepted, stored, dead_lettered, received_at) VALUES (?, ?, ?, ?, ?) "
+    f"INSERT INTO {_TABLE} (id, accepted, stored, dead_lettered, received_at, client) VALUES (?, ?, ?, ?, ?, ?) "
     + _UPDATE.format(greatest="max")
 )
 
@@ -76,21 +84,23 @@ def write(conn: Connection, messages: Iterable[Message], *, dead: bool = False, 
         conn.exec_driver_sql(_UPSERT_POSTGRES, (
             _text_array([r.id for r, _ in receipts]), _number_array([r.accepted for r, _ in receipts]),
             _number_array(stored), _number_array(dead_counts), _number_array([r.received_at for r, _ in receipts]),
+            _names_array([r.client for r, _ in receipts]),
         ))
         return
     received = stamps([r.received_at for r, _ in receipts], sqlite=True)
     conn.exec_driver_sql(_UPSERT_SQLITE, [
-        (r.id, r.accepted, s, d, stamp)
+        (r.id, r.accepted, s, d, stamp, r.client)
         for (r, _), s, d, stamp in zip(receipts, stored, dead_counts, received, strict=True)
     ])
 
 
 def _copy_whole(conn: Connection, receipts: list[Receipt]) -> None:
-    """Postgres: rows of whole, fresh requests (all stored), by COPY. Ids made here need no
-    escaping in COPY's text format (hex and a dash)."""
+    """Postgres: rows of whole, fresh requests (all stored), by COPY. Ids made here and client
+    names (auth.py) need no escaping in COPY's text format; \\N is its NULL."""
     received = stamps([r.received_at for r in receipts], sqlite=False)
     data = "".join(
-        f"{r.id}\t{r.accepted}\t{r.accepted}\t0\t{stamp}\n" for r, stamp in zip(receipts, received, strict=True)
+        f"{r.id}\t{r.accepted}\t{r.accepted}\t0\t{stamp}\t{r.client or chr(92) + 'N'}\n"
+        for r, stamp in zip(receipts, received, strict=True)
     )
     raw: Any = conn.connection.driver_connection
     with raw.cursor() as cursor, cursor.copy(_COPY_POSTGRES) as copy:
@@ -114,6 +124,11 @@ def _text_array(values: list[str]) -> str:
     return '{"' + joined + '"}'
 
 
+def _names_array(values: list[str | None]) -> str:
+    # Client names are letters, digits, _ . - (auth.py): quoting is enough.
+    return "{" + ",".join("NULL" if v is None else f'"{v}"' for v in values) + "}"
+
+
 def move_to_stored(conn: Connection, request_id: str) -> None:
     """One message of the request moves from dead-lettered to stored (a replayed dead letter),
     neither count past its bounds."""
@@ -127,12 +142,17 @@ def move_to_stored(conn: Connection, request_id: str) -> None:
     )
 
 
-def lookup(pool: ConnectionPool, request_id: str) -> Counts | None:
-    """One primary-key lookup; None for an id the database has no row for."""
-    query = select(requests.c.accepted, requests.c.stored, requests.c.dead_lettered).where(requests.c.id == request_id)
+def lookup(pool: ConnectionPool, request_id: str, client: str | None = None) -> Counts | None:
+    """One primary-key lookup; None for an id the database has no row for, or one `client` may
+    not read (receipts.may_read; None: without tokens, anyone may)."""
+    query = select(
+        requests.c.accepted, requests.c.stored, requests.c.dead_lettered, requests.c.client
+    ).where(requests.c.id == request_id)
     with pool.connection() as conn:
         row = conn.execute(query).first()
-    return None if row is None else Counts.of(row.accepted, row.stored, row.dead_lettered)
+    if row is None or not may_read(row.client, client):
+        return None
+    return Counts.of(row.accepted, row.stored, row.dead_lettered)
 
 
 def count_before(engine: Engine, before: datetime) -> int:

@@ -198,7 +198,8 @@ class Store:
         def insert_dead(conn: Connection, batch: list[Message]) -> None:
             conn.execute(insert(dead_letters), [
                 {"received_at": _utc(m.received_at), "payload": m.text, "error": error, "ident": m.ident,
-                 "request": m.receipt.id if m.receipt is not None else None}
+                 "request": m.receipt.id if m.receipt is not None else None,
+                 "client": m.receipt.client if m.receipt is not None else None}
                 for m in batch
             ])
             receipt_rows.write(conn, batch, dead=True)

@@ -97,12 +97,15 @@ dead_letters = Table(
     # letters older than 0003).
     Column("ident", Text(), nullable=True),
     Column("request", Text(), nullable=True),
+    # The client (its token's name) that sent it: NULL without --auth-tokens and before 0004.
+    Column("client", Text(), nullable=True),
     Index("ix_dead_letters_failed_at", "failed_at"),
 )
 
 # A receipt per accepted request, written in the transaction that stores (or dead-letters) its
 # messages: `stored` counts messages of the request now in the database, written by it or (a
-# retry's duplicates) by an earlier request.
+# retry's duplicates) by an earlier request. `client`: with --auth-tokens, the name of the client
+# that sent it, the only one that may read it; NULL without tokens and before 0004 (anyone may).
 requests = Table(
     "requests",
     metadata,
@@ -111,4 +114,5 @@ requests = Table(
     Column("stored", Integer(), nullable=False, server_default="0"),
     Column("dead_lettered", Integer(), nullable=False, server_default="0"),
     Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("client", Text(), nullable=True),
 )

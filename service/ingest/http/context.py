@@ -36,7 +36,9 @@ class RouteConfig:
     guard: ConnectionGuard
     body_timeout_s: float
     ledger: Ledger
-    lookup_receipt: Callable[[str], Counts | None]  # from the database; blocking, so run on `lookups`
+    # (request id, client or None without tokens) -> its counts from the database, if that client
+    # may read them; blocking, so run on `lookups`
+    lookup_receipt: Callable[[str, str | None], Counts | None]
     lookups: Executor
     lookup_timeout_s: float
     # --workers: this worker's exposition -> every worker's, added up (metrics_merge.py)

@@ -3,13 +3,22 @@
 aiohttp bounds neither how many connections are open nor how long a client may take to send a
 request's headers, so clients that send a byte a second, or open connections and say nothing,
 could hold file descriptors until there are none left. The guard wraps aiohttp's protocol
-factory: past `max_connections` a new connection is closed at once, and a connection that has
-not delivered a complete request head within `header_timeout_s` (counted from its opening, or
-from the end of its previous request) is closed. The clock is a deadline on each connection,
-checked by one sweep a fraction of the timeout apart: starting and stopping it costs a request
-two attribute writes, where a timer a request cost the listener 8 % of its time (profiled).
+factory: a connection that has not delivered a complete request head within `header_timeout_s`
+(counted from its opening, or from the end of its previous request) is closed. The clock is a
+deadline on each connection, checked by one sweep a fraction of the timeout apart: starting and
+stopping it costs a request two attribute writes, where a timer a request cost the listener 8 %
+of its time (profiled).
 Reading the body is bounded in routes.py, and idle keep-alive connections by aiohttp's own
 keepalive timeout.
+
+Past `max_connections` a new connection is told so, not dropped: a reset looks like a network
+fault, where a 503 with Retry-After is a back-off every client knows. The answer costs little
+and never needs aiohttp: its request head is waited for (at most REFUSAL_HEAD_BYTES, within
+`refusal_timeout_s`), then a prepared 503 with `Connection: close` is written, the sending side
+shut, and whatever the client still sends (its body) discarded until it closes or
+REFUSAL_LINGER_S pass: closing with unread data would reset the connection under the answer.
+At most `max_refusing` connections are being answered at once; past that, and for a connection
+that sends no head in time, the connection is closed without a word.
 
 It also makes the replies aiohttp's HTTP parser writes before any of ingest's code runs (headers
 too long or too many, a bad chunk size, Content-Length with chunked) JSON like every other error:
@@ -22,10 +31,12 @@ Everything here runs on the listener's event loop: no locks.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -37,19 +48,41 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+MAX_REFUSING = 128  # connections over the cap being answered at once (each holds a descriptor)
+REFUSAL_TIMEOUT_S = 2.0  # for the request head of a connection over the cap (less if header_timeout_s is)
+REFUSAL_HEAD_BYTES = 16 * 1024  # read no more of a head than this before answering anyway
+REFUSAL_LINGER_S = 1.0  # after the answer, for the client to read it and close
+REFUSAL_DRAIN_BYTES = 256 * 1024  # discarded after the answer at most; then the connection closes
+
 
 class ConnectionGuard:
-    def __init__(self, *, max_connections: int, header_timeout_s: float, metrics: Metrics) -> None:
+    def __init__(
+        self, *, max_connections: int, header_timeout_s: float, metrics: Metrics, max_refusing: int = MAX_REFUSING
+    ) -> None:
         self._factory: Callable[[], asyncio.Protocol] | None = None
         self.max_connections = max_connections
         self.header_timeout_s = header_timeout_s
+        self.max_refusing = max_refusing
+        self.refusal_timeout_s = min(REFUSAL_TIMEOUT_S, header_timeout_s)
         self._metrics = metrics
         self._open: dict[Any, _Guarded] = {}  # transport -> its guarded protocol
+        self.refusing = 0  # connections over the cap being answered now
         self._sweeper: asyncio.TimerHandle | None = None
         self.sweep_interval_s = min(1.0, header_timeout_s / 4)
+        # By then every connection that holds a place without sending a head has been closed.
+        self.retry_after_s = math.ceil(header_timeout_s + self.sweep_interval_s)
+        body = json.dumps({
+            "error": f"too many connections: this service holds {max_connections} at most; "
+            f"try again in {self.retry_after_s} s",
+            "detail": {"max_connections": max_connections},
+        }).encode()
+        self.refusal = (
+            f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: {self.retry_after_s}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
 
     def __repr__(self) -> str:
-        return f"ConnectionGuard(open={len(self._open)}/{self.max_connections})"
+        return f"ConnectionGuard(open={len(self._open)}/{self.max_connections}, refusing={self.refusing})"
 
     @property
     def open_connections(self) -> int:
@@ -110,6 +143,63 @@ class _JsonErrors(RequestHandler):
         return reply
 
 
+class _Refusal:
+    """One connection over the cap: wait for its request head, answer 503, close (module docstring)."""
+
+    def __init__(self, guard: ConnectionGuard, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._guard = guard
+        self._transport = transport
+        self._tail = b""  # the last bytes seen, for a head's end split across reads
+        self._bytes = 0
+        self._answered = False
+        guard.refusing += 1
+        self._timer: asyncio.TimerHandle | None = loop.call_later(guard.refusal_timeout_s, self._time_up)
+        self._loop = loop
+
+    def data_received(self, data: bytes) -> None:
+        self._bytes += len(data)
+        if self._answered:  # the body, discarded
+            if self._bytes > REFUSAL_DRAIN_BYTES:
+                self._transport.close()
+            return
+        seen = self._tail + data
+        if b"\r\n\r\n" in seen or self._bytes >= REFUSAL_HEAD_BYTES:
+            self._answer()
+        else:
+            self._tail = seen[-3:]
+
+    def _answer(self) -> None:
+        self._answered = True
+        self._bytes = 0
+        self._guard._metrics.connections_refused.inc()
+        transport = self._transport
+        transport.write(self._guard.refusal)
+        if transport.can_write_eof():
+            transport.write_eof()  # the client sees the end of the answer, and closes its side
+        self._cancel_timer()
+        self._timer = self._loop.call_later(REFUSAL_LINGER_S, self._transport.close)
+
+    def _time_up(self) -> None:
+        self._timer = None
+        self._guard._metrics.connections_closed.labels("too_many").inc()
+        self._transport.close()
+
+    def eof_received(self) -> bool:
+        if not self._answered:
+            self._cancel_timer()
+            self._guard._metrics.connections_closed.labels("too_many").inc()
+        return False  # the transport closes itself
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def connection_lost(self) -> None:
+        self._cancel_timer()
+        self._guard.refusing -= 1
+
+
 class _Guarded(asyncio.Protocol):
     """aiohttp's protocol for one connection, with a limit on its count and a header clock."""
 
@@ -120,13 +210,19 @@ class _Guarded(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.deadline: float | None = None  # loop time by which a request head must be in; None: not timing
         self._admitted = False
+        self._refusal: _Refusal | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
         guard = self._guard
         if len(guard._open) >= guard.max_connections:
-            guard._metrics.connections_refused.labels("too_many").inc()
-            transport.close()  # inner never learns of it: nothing to tear down there
+            # inner never learns of it: nothing to tear down there
+            if guard.refusing < guard.max_refusing:
+                # A stream transport (uvloop's are not subclasses of asyncio.Transport).
+                self._refusal = _Refusal(guard, cast(asyncio.Transport, transport), self._loop)
+                return
+            guard._metrics.connections_closed.labels("too_many").inc()
+            transport.close()
             return
         self._admitted = True
         guard._open[transport] = self
@@ -139,13 +235,18 @@ class _Guarded(asyncio.Protocol):
     def too_slow(self) -> None:
         self.deadline = None
         if self._transport is not None and not self._transport.is_closing():
-            self._guard._metrics.connections_refused.labels("header_timeout").inc()
+            self._guard._metrics.connections_closed.labels("header_timeout").inc()
             self._transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:
+            self._refusal.data_received(data)
+            return
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
+        if self._refusal is not None:
+            return self._refusal.eof_received()
         return self._inner.eof_received()
 
     def pause_writing(self) -> None:
@@ -156,6 +257,9 @@ class _Guarded(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.deadline = None
+        if self._refusal is not None:
+            self._refusal.connection_lost()
+            self._refusal = None
         if not self._admitted:
             return
         self._guard._open.pop(self._transport, None)

@@ -144,7 +144,8 @@ async def post_messages(config: RouteConfig, request: web.Request) -> web.Respon
     idents, known = _identities(config, request, texts)
     received_at = time.time()
     receipt = config.ledger.open(
-        request.headers.get(REQUEST_ID_HEADER), len(texts), received_at, waited_on=ack_mode == "commit"
+        request.headers.get(REQUEST_ID_HEADER), len(texts), received_at, waited_on=ack_mode == "commit",
+        client=client if config.tokens is not None else None,
     )
     request_id = receipt.id
     if len(texts) == 1:  # most requests under load: no comprehension to build and run
@@ -172,28 +173,30 @@ async def post_messages(config: RouteConfig, request: web.Request) -> web.Respon
 
 
 async def get_request(request: web.Request) -> web.Response:
-    """A receipt: the database's counts, or this process's while the request is in flight here."""
+    """A receipt: the database's counts, or this process's while the request is in flight here.
+    With tokens, only for the client that sent the request: any other gets the 404 of an unknown id."""
     config = request.app[CONFIG]
-    _client(config, request)  # whoever may push may ask
+    client = _client(config, request)  # whoever may push may ask, for their own requests
+    owner = client if config.tokens is not None else None
     request_id = request.match_info["id"]
     if not is_sane(request_id):
         return _unknown_request(request_id)
     # Asked before the database: a consumer may commit the last of it, and drop it from the
     # ledger, while the database is being asked.
-    in_flight = config.ledger.lookup(request_id)
+    in_flight = config.ledger.lookup(request_id, owner)
     try:
         counts = await asyncio.wait_for(
-            asyncio.get_running_loop().run_in_executor(config.lookups, config.lookup_receipt, request_id),
+            asyncio.get_running_loop().run_in_executor(config.lookups, config.lookup_receipt, request_id, owner),
             config.lookup_timeout_s,
         )
     except Exception as exc:  # noqa: BLE001 - a database that does not answer: say what we know here
         log.warning("receipt lookup of %s failed: %s", request_id, first_line(exc))
-        counts = config.ledger.lookup(request_id) or in_flight
+        counts = config.ledger.lookup(request_id, owner) or in_flight
         if counts is None:
             return error_response(503, "the database did not answer; try again", retry_after_s=5)
         return web.json_response(counts.as_json(request_id))
     if counts is None:  # nothing of it committed yet: accepted here, or not known
-        counts = config.ledger.lookup(request_id) or in_flight
+        counts = config.ledger.lookup(request_id, owner) or in_flight
     if counts is None:
         return _unknown_request(request_id)
     return web.json_response(counts.as_json(request_id))

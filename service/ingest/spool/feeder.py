@@ -110,7 +110,7 @@ class SpoolFeeder(threading.Thread):
         if receipt is None:
             receipt = None if row.seq <= self._recovered_upto else self._ledger.get(row.request)
             if receipt is None:
-                receipt = Receipt(row.request, row.accepted or 0, row.received_at)
+                receipt = Receipt(row.request, row.accepted or 0, row.received_at, client=row.client)
             seen[row.request] = receipt
         return receipt
 

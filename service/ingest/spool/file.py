@@ -22,7 +22,7 @@ from ingest.errors import SpoolError
 from ingest.vocabulary import SPOOL_SYNC_MODES
 
 FORMAT = "ingest-spool"
-VERSION = 2  # 2: each row names its request and the request's size, for receipts
+VERSION = 3  # 2: each row names its request and the request's size, for receipts; 3: its client
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # What a row costs on disk beyond its text: seq, received_at, flags and page overhead, roughly.
 ROW_OVERHEAD_BYTES = 32
@@ -30,14 +30,14 @@ ROW_OVERHEAD_BYTES = 32
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE spool (seq INTEGER PRIMARY KEY, ident TEXT NOT NULL, known INTEGER NOT NULL, "
-    "received_at REAL NOT NULL, payload TEXT NOT NULL, request TEXT, accepted INTEGER)",
+    "received_at REAL NOT NULL, payload TEXT NOT NULL, request TEXT, accepted INTEGER, client TEXT)",
 )
-# Version 1 files are upgraded in place when opened for writing: their rows have no request.
-_UPGRADE_FROM_1 = (
-    "ALTER TABLE spool ADD COLUMN request TEXT",
-    "ALTER TABLE spool ADD COLUMN accepted INTEGER",
-    f"UPDATE meta SET value = '{VERSION}' WHERE key = 'version'",
-)
+# Older files are upgraded in place when opened for writing: version 1 rows have no request,
+# version 1 and 2 rows no client (their receipts are written without an owner).
+_UPGRADES = {
+    1: ("ALTER TABLE spool ADD COLUMN request TEXT", "ALTER TABLE spool ADD COLUMN accepted INTEGER"),
+    2: ("ALTER TABLE spool ADD COLUMN client TEXT",),
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class Row:
     payload: str
     request: str | None  # None in rows a version 1 spool kept
     accepted: int | None
+    client: str | None  # with --auth-tokens, the request's client; None in rows of versions 1 and 2
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,8 @@ def open_spool(path: Path, sync: str = "full", *, create: bool = True, writable:
     try:
         if fresh:
             _create(conn)
-        elif _check_contents(conn, path) == 1 and writable:
-            _upgrade_from_1(conn)
+        elif (version := _check_contents(conn, path)) < VERSION and writable:
+            _upgrade(conn, version)
         if writable:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={sync.upper()}")
@@ -143,7 +144,7 @@ def _check_contents(conn: sqlite3.Connection, path: Path) -> int:
     if meta.get("format") != FORMAT:
         raise SpoolError(f"spool {path}: not an ingest spool (format {meta.get('format')!r})")
     version = meta.get("version")
-    if version not in ("1", str(VERSION)):
+    if version not in [str(v) for v in range(1, VERSION + 1)]:
         raise SpoolError(
             f"spool {path}: format version {version}, this ingest reads versions 1 to {VERSION}; "
             "drain it with the ingest that wrote it"
@@ -151,11 +152,13 @@ def _check_contents(conn: sqlite3.Connection, path: Path) -> int:
     return int(version)
 
 
-def _upgrade_from_1(conn: sqlite3.Connection) -> None:
+def _upgrade(conn: sqlite3.Connection, version: int) -> None:
     with conn:
         conn.execute("BEGIN")
-        for statement in _UPGRADE_FROM_1:
-            conn.execute(statement)
+        for step in range(version, VERSION):
+            for statement in _UPGRADES[step]:
+                conn.execute(statement)
+        conn.execute(f"UPDATE meta SET value = '{VERSION}' WHERE key = 'version'")
 
 
 def _create(conn: sqlite3.Connection) -> None:
@@ -177,11 +180,11 @@ def status(conn: sqlite3.Connection) -> Status:
 
 def read_after(conn: sqlite3.Connection, after_seq: int, up_to_seq: int, limit: int) -> list[Row]:
     rows = conn.execute(
-        "SELECT seq, ident, known, received_at, payload, request, accepted FROM spool "
+        "SELECT seq, ident, known, received_at, payload, request, accepted, client FROM spool "
         "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
         (after_seq, up_to_seq, limit),
     ).fetchall()
     return [
-        Row(seq, ident, bool(known), received_at, payload, request, accepted)
-        for seq, ident, known, received_at, payload, request, accepted in rows
+        Row(seq, ident, bool(known), received_at, payload, request, accepted, client)
+        for seq, ident, known, received_at, payload, request, accepted, client in rows
     ]

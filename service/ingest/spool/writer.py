@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 
 # What a waiting ack=commit client hears when its messages outlast a shutdown in the spool.
 KEPT_IN_SPOOL = "not stored before shutdown; kept in the spool for the next start"
-_INSERT = "INSERT INTO spool (seq, ident, known, received_at, payload, request, accepted) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_INSERT = (
+    "INSERT INTO spool (seq, ident, known, received_at, payload, request, accepted, client) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _DELETE = "DELETE FROM spool WHERE seq = ?"
 
 _Submit = tuple[list[Message], int, "Future[None]"]
@@ -179,6 +182,7 @@ class SpoolWriter(threading.Thread):
                 rows.append((
                     message.seq, message.ident, int(message.known), message.received_at, message.text,
                     receipt.id if receipt is not None else None, receipt.accepted if receipt is not None else None,
+                    receipt.client if receipt is not None else None,
                 ))
                 if receipt is not None and receipt.future is not None:
                     waiting[message.seq] = receipt
