@@ -57,7 +57,6 @@ class Service:
             parts.supervisor, parts.listener, parts.health, parts.chores
         )
         self.port: int | None = None
-        self.abandoned: list[str] = []  # consumers left blocked in the database at the stop
         self._stopped = False
 
     def __repr__(self) -> str:
@@ -196,10 +195,10 @@ class Service:
         """Leave consumers the database still holds behind, accounting for what they held."""
         for consumer in consumers:
             batch = consumer.abandon()
-            log.error("%s is still held by the database %.0fs after the drain deadline, its connection cut; "
-                      "leaving it behind with %d message(s) not stored", consumer.name, ABANDON_AFTER_S, len(batch))
+            log.error("%s is still held by the database %.0fs past the drain deadline (connecting, or its cut "
+                      "connection not yet noticed); leaving it behind with %d message(s) not stored",
+                      consumer.name, ABANDON_AFTER_S, len(batch))
             self._give_up(batch, "the drain deadline passed while the database held their write")
-            self.abandoned.append(consumer.name)
 
     def _give_up(self, batch: list[Message], why: str) -> int:
         """Accepted messages that will not be stored by this process; returns how many are lost."""

@@ -150,3 +150,28 @@ def test_sigterm_with_a_frozen_database_and_a_spool_exits_0_and_stores_after_a_t
             assert [row[0] for row in conn.exec_driver_sql("SELECT payload FROM messages")] == [{"frozen": 1}]
         proc.process.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_a_consumer_stuck_connecting_at_the_deadline_is_left_behind_and_the_process_still_exits(link) -> None:
+    """The held write is cut (statement timeout 1 s) and its retry connects through the frozen
+    link: connect() is not a call the pool can cut, so at the deadline the consumer is still held.
+    The stop leaves it behind (its message counted lost) and the process exits all the same."""
+    proxy, via = link
+    args = ["--db", via, "--consumers", "1", "--drain-timeout", "1", "--batch-linger", "0",
+            "--statement-timeout", "1"]
+    with serving(args) as proc:
+        proxy.freeze()
+        assert post_json(proc.url, {"frozen": 1}).status == 202
+        wait_until(lambda: "cut their connection" in "".join(proc.log), timeout_s=20,
+                   what="the held write cut, its retry now connecting")
+        began = time.monotonic()
+        proc.process.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+        took = time.monotonic() - began
+    log = "".join(proc.log)
+    assert code == 3, log
+    assert took < 1 + EXIT_SLACK_S, f"exit took {took:.1f}s with --drain-timeout 1:\n{log}"
+    assert "consumer-1 is still held by the database" in log and "leaving it behind with 1 message(s)" in log, log
+    assert "1 accepted message(s) were not stored: the drain deadline passed while the database held" in log, log
+    [exit_line] = [line for line in log.splitlines() if "still blocked in the database:" in line]
+    assert "consumer-1" in exit_line.split("database:", 1)[1], log
