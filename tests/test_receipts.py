@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -165,21 +166,30 @@ def test_two_replicas_on_one_database_answer_for_each_other(make_service, postgr
     assert _receipt(two.url, "nobody-sent-this").status == 404
 
 
+def _spooled_at_stop(service: Any, sqlite_url: str, push: Callable[[], Any]) -> str:
+    """Push with the database locked, then stop the service: its drain cannot finish, so the
+    request's rows stay in the spool for the next service. Returns the request's id."""
+    lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        request_id = str(push().json()["request"])
+        service.shutdown.stopping.set()
+        wait_until(lambda: service.spool is not None and not service.spool.writer.is_alive(), 30,
+                   "the first service stopped")
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    return request_id
+
+
 def test_a_receipt_survives_a_restart_with_the_spool(make_service, sqlite_url, tmp_path) -> None:
     """Accepted into the spool while the database is locked; the service stops at its drain
     deadline with the rows still spooled; the next one stores them and the receipt says so."""
     path = str(tmp_path / "spool.db")
     first = make_service(spool=path, drain_timeout_s=1.0, batch_linger_s=0)
-    lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
-    try:
-        lock.execute("BEGIN EXCLUSIVE")
-        request_id = _push(first.url, 12, headers={"X-Request-Id": "across-a-restart"}).json()["request"]
-        first.shutdown.stopping.set()
-        wait_until(lambda: first.spool is not None and not first.spool.writer.is_alive(), 30,
-                   "the first service stopped")
-    finally:
-        lock.execute("ROLLBACK")
-        lock.close()
+    request_id = _spooled_at_stop(
+        first, sqlite_url, lambda: _push(first.url, 12, headers={"X-Request-Id": "across-a-restart"})
+    )
     assert spool.status(spool.open_spool(Path(path), create=False, writable=False)).messages == 12
     second = make_service(spool=path)
     wait_until(lambda: _receipt(second.url, request_id).status == 200, 30, "the recovered request stored")
@@ -448,16 +458,7 @@ def test_with_tokens_a_receipt_keeps_its_client_across_a_restart_with_the_spool(
     path = str(tmp_path / "spool.db")
     tokens = _two_clients(tmp_path)
     first = make_service(spool=path, drain_timeout_s=1.0, batch_linger_s=0, auth_tokens=tokens)
-    lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
-    try:
-        lock.execute("BEGIN EXCLUSIVE")
-        request_id = _push(first.url, 5, headers=ALICE).json()["request"]
-        first.shutdown.stopping.set()
-        wait_until(lambda: first.spool is not None and not first.spool.writer.is_alive(), 30,
-                   "the first service stopped")
-    finally:
-        lock.execute("ROLLBACK")
-        lock.close()
+    request_id = _spooled_at_stop(first, sqlite_url, lambda: _push(first.url, 5, headers=ALICE))
     second = make_service(spool=path, auth_tokens=tokens)
     wait_until(lambda: _receipt(second.url, request_id, ALICE).status == 200, 30, "the recovered request stored")
     assert _receipt(second.url, request_id, BOB).status == 404
