@@ -113,3 +113,17 @@ def test_a_call_the_database_never_answers_is_cut_once_overdue_and_the_next_gets
     finally:
         pool.dispose()
         proxy.close()
+
+
+def test_a_connection_is_cut_once_however_often_the_stop_interrupts(sqlite_url) -> None:
+    """Past the drain deadline the stop interrupts every 0.5 s: a connection already cut is not
+    cut (nor counted in ingest_db_calls_cut_total) again."""
+    pool = ConnectionPool(sqlite_url, size=1)
+    try:
+        with pool.connection():
+            assert pool.interrupt() == 1
+            assert pool.interrupt() == 0
+            assert pool.cut_overdue() == 0
+        assert pool.interrupt() == 0
+    finally:
+        pool.dispose()

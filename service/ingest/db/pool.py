@@ -67,7 +67,6 @@ class ConnectionPool:
         self._in_use = 0
         self._waiting = 0
         self._held: dict[int, _Held] = {}  # by id(driver): connections checked out now
-        self.cuts = 0  # connections cut for overrunning their time; a metric reads it
         self.engine: Engine = create_engine(
             # No pre-ping: a round trip per batch costs more than it saves. A connection that
             # fails is invalidated by the store and the batch retried on a fresh one.
@@ -133,7 +132,7 @@ class ConnectionPool:
         cancel request would need the server to answer; a socket shut down needs nothing.
         """
         with self._lock:
-            return sum(self._cut(held) for held in self._held.values())
+            return sum(self._cut(held) for held in self._held.values() if not held.cut)
 
     def cut_overdue(self) -> int:
         """Cut the connections held past the statement timeout (plus a grace); how many were cut."""
@@ -157,7 +156,6 @@ class ConnectionPool:
             log.warning("could not cut a database connection: %s", exc)
             return 0
         held.cut = True
-        self.cuts += 1
         return 1
 
     def ping(self) -> None:
