@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PROBE_INTERVAL_S = 2.0
 PROBE_TIMEOUT_S = 3.0  # also the probe connection's statement timeout
 DEAD_LETTER_COUNT_INTERVAL_S = 15.0
+NO_ANSWER = f"no answer to a probe within {PROBE_TIMEOUT_S:.0f}s"
 
 
 class Chores:
@@ -53,8 +54,7 @@ class Chores:
         # One thread for the probe alone: a probe stuck in a silent database holds nothing else up.
         self._prober = ThreadPoolExecutor(max_workers=1, thread_name_prefix="db-probe")
         self._probe: Future[None] | None = None
-        self._probe_started = 0.0
-        self._last_probe = -PROBE_INTERVAL_S
+        self._last_probe = -PROBE_INTERVAL_S  # when the latest probe was sent
         self._count: Future[int] | None = None
         self._last_count = -DEAD_LETTER_COUNT_INTERVAL_S
 
@@ -87,12 +87,12 @@ class Chores:
 
     def _watch_probe(self, now: float) -> None:
         if self._probe is not None and not self._probe.done():
-            if now - self._probe_started >= PROBE_TIMEOUT_S and self._store.database_error is None:
-                self._store.database_error = f"no answer to a probe within {PROBE_TIMEOUT_S:.0f}s"
+            if now - self._last_probe >= PROBE_TIMEOUT_S and self._store.database_error is None:
+                self._store.database_error = NO_ANSWER
                 log.warning("database unreachable: %s", self._store.database_error)
             return
         if now - self._last_probe >= PROBE_INTERVAL_S:
-            self._probe_started = self._last_probe = now
+            self._last_probe = now
             self._probe = self._prober.submit(self._probe_pool.ping)
             self._probe.add_done_callback(self._probed)
 
@@ -106,7 +106,7 @@ class Chores:
             self._store.database_error = None
             return
         error = first_line(exc)
-        if self._store.database_error is None or self._store.database_error.startswith("no answer"):
+        if self._store.database_error in (None, NO_ANSWER):  # log a change of state, not every probe
             log.warning("database unreachable: %s", error)
         self._store.database_error = error
 
