@@ -8,6 +8,7 @@ the database: a test can build the parts, look at them, and drive one by hand.
 from __future__ import annotations
 
 import ipaddress
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -115,17 +116,7 @@ def build(settings: Settings, shutdown: Shutdown, worker: WorkerSlot | None = No
     ledger = Ledger()
     enqueue = ThreadPoolExecutor(max_workers=ENQUEUE_THREADS, thread_name_prefix="enqueue")
     lookups = ThreadPoolExecutor(max_workers=LOOKUP_THREADS, thread_name_prefix="receipts")
-    spool: SpoolStage | NoSpool
-    intake: Intake
-    if settings.spool is not None:
-        writer = SpoolWriter(Path(settings.spool), sync=settings.spool_sync, max_bytes=settings.spool_max_bytes)
-        spool = SpoolStage(writer, buffer=buffer, batch_size=settings.batch_size, hard_stop=shutdown.hard_stop,
-                           ledger=ledger)
-        intake = SpoolIntake(writer, retry_after_s=throughput.retry_after_s)
-    else:
-        spool = NoSpool()
-        intake = BufferIntake(buffer, executor=enqueue, enqueue_timeout_s=settings.enqueue_timeout_s,
-                              retry_after_s=throughput.retry_after_s)
+    spool, intake = _spool_and_intake(settings, shutdown, buffer, ledger, throughput, enqueue)
     after_commit = _after_commit(throughput, spool)
     make_consumer = _consumer_factory(settings, shutdown, buffer, store, metrics, ledger, after_commit)
     supervisor = Supervisor(make_consumer, metrics.thread_errors, metrics.consumer_restarts,
@@ -166,13 +157,7 @@ def build(settings: Settings, shutdown: Shutdown, worker: WorkerSlot | None = No
     ssl_context = None
     if settings.tls_cert is not None and settings.tls_key is not None:
         ssl_context = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-    listener = ListenerThread(
-        make_app(routes), settings.host, settings.port, hot_path=hot_path(routes),
-        shutdown_timeout_s=settings.drain_timeout_s, guard=guard,
-        keepalive_timeout_s=settings.keepalive_timeout_s, ssl_context=ssl_context,
-        reuse_port=worker is not None, new_loop=loop_factory(settings.event_loop),
-        private_metrics=(worker.socket, lambda: generate_latest(metrics.registry)) if worker is not None else None,
-    )
+    listener = _listener(settings, routes, guard, metrics, ssl_context, worker)
     health.watch(listener)
     chores = Chores(store=store, pool=pool, probe_pool=probe_pool, metrics=metrics, shutdown=shutdown, tokens=tokens,
                     lookups=lookups)
@@ -185,6 +170,34 @@ def build(settings: Settings, shutdown: Shutdown, worker: WorkerSlot | None = No
     )
     _wire_gauges(parts, worker)
     return parts
+
+
+def _spool_and_intake(
+    settings: Settings, shutdown: Shutdown, buffer: Buffer, ledger: Ledger, throughput: Throughput,
+    enqueue: ThreadPoolExecutor,
+) -> tuple[SpoolStage | NoSpool, Intake]:
+    """The spool stage and the way in: with --spool, 202 once on disk; else once in the buffer."""
+    if settings.spool is None:
+        intake = BufferIntake(buffer, executor=enqueue, enqueue_timeout_s=settings.enqueue_timeout_s,
+                              retry_after_s=throughput.retry_after_s)
+        return NoSpool(), intake
+    writer = SpoolWriter(Path(settings.spool), sync=settings.spool_sync, max_bytes=settings.spool_max_bytes)
+    stage = SpoolStage(writer, buffer=buffer, batch_size=settings.batch_size, hard_stop=shutdown.hard_stop,
+                       ledger=ledger)
+    return stage, SpoolIntake(writer, retry_after_s=throughput.retry_after_s)
+
+
+def _listener(
+    settings: Settings, routes: RouteConfig, guard: ConnectionGuard, metrics: Metrics,
+    ssl_context: ssl.SSLContext | None, worker: WorkerSlot | None,
+) -> ListenerThread:
+    return ListenerThread(
+        make_app(routes), settings.host, settings.port, hot_path=hot_path(routes),
+        shutdown_timeout_s=settings.drain_timeout_s, guard=guard,
+        keepalive_timeout_s=settings.keepalive_timeout_s, ssl_context=ssl_context,
+        reuse_port=worker is not None, new_loop=loop_factory(settings.event_loop),
+        private_metrics=(worker.socket, lambda: generate_latest(metrics.registry)) if worker is not None else None,
+    )
 
 
 def _consumer_factory(
