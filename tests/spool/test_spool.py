@@ -152,14 +152,22 @@ def test_a_full_spool_answers_503_with_retry_after(make_service, tmp_path) -> No
     assert _post(service.url, range(3)) == 202  # a request that fits still goes in
 
 
-def _spool_with_rows(path: Path, rows: int) -> None:
+def _spool_with_rows(path: Path, messages: int) -> None:
+    """A spool holding `messages` messages (identities g:x:1 on, texts `{}`), in requests of 1 to
+    7 messages, written as the spool writer writes them."""
+    rows = []
+    n = 1
+    while n <= messages:
+        count = min(1 + len(rows) % 7, messages - n + 1)
+        idents, ident_lengths = spool.joined([f"g:x:{i}" for i in range(n, n + count)])
+        texts, text_lengths = spool.joined(["{}"] * count)
+        size = spool.request_bytes(len(texts), len(idents), "", count)
+        rows.append((len(rows) + 1, 0.0, 0, None, None, None, count, size, idents, ident_lengths, texts, text_lengths))
+        n += count
     conn = spool.open_spool(path)
     with conn:
         conn.execute("BEGIN")
-        conn.executemany(
-            "INSERT INTO spool (seq, ident, known, received_at, payload) VALUES (?, ?, 0, 0, '{}')",
-            [(n, f"g:x:{n}") for n in range(1, rows + 1)],
-        )
+        spool.insert(conn, rows)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
 
@@ -177,7 +185,7 @@ def _foreign(path: Path) -> None:
 
 def _newer(path: Path) -> None:
     _spool_with_rows(path, 1)
-    _execute(path, "UPDATE meta SET value = '4' WHERE key = 'version'")
+    _execute(path, "UPDATE meta SET value = '5' WHERE key = 'version'")
 
 
 def _truncated(path: Path) -> None:
@@ -191,7 +199,7 @@ def _truncated(path: Path) -> None:
     [
         (lambda p: p.write_bytes(b"\x00garbage" * 512), "not a spool file (not SQLite"),
         (_foreign, "a SQLite file, but not an ingest spool (tables: notes)"),
-        (_newer, "format version 4, this ingest reads versions 1 to 3"),
+        (_newer, "format version 5, this ingest reads versions 1 to 4"),
         (_truncated, "damaged"),
     ],
     ids=["garbage", "foreign", "newer", "truncated"],

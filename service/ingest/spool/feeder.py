@@ -1,13 +1,19 @@
 """The spool feeder thread: moves spooled messages into the bounded memory buffer as it frees room.
 
-The spool absorbs bursts larger than the buffer; this thread reads committed rows in order, from
-its own connection, and puts them into the buffer, waiting for room like any producer. Memory
-stays bounded by the buffer, not by the spool: rows are read a chunk at a time, when they fit.
+The spool absorbs bursts larger than the buffer; this thread feeds committed requests in order
+and puts their messages into the buffer, waiting for room like any producer. A request this
+process has just committed comes from the writer in memory, as the listener made it (up to the
+writer's hand-off bound); any other is read from the file, from the feeder's own connection, a
+chunk at a time, and split back into messages. Memory stays bounded by the buffer and the
+hand-off, not by the spool.
 
 At start it feeds what a previous run left (recovered rows may already be in the database, so they
 are marked `known` and written through the duplicate-skipping path). On stop it keeps feeding
 until everything committed has been fed, so a graceful stop leaves an empty spool, unless the
 drain deadline passes first: what is not fed by then stays in the file for the next start.
+
+Every row it feeds is first `track`ed with the writer (its message count), so the writer deletes
+it once consumers have stored the last of its messages.
 
 Error policy: a read error is logged and retried after a pause (the rows are safe on disk); any
 other exception ends the thread, which the service notices.
@@ -46,6 +52,7 @@ class SpoolFeeder(threading.Thread):
         self._recovered_upto = writer.recovered.last_seq
         self._fed_seq = writer.recovered.first_seq - 1 if writer.recovered.messages else writer.committed_seq
         self._finishing = threading.Event()
+        self.read_rows = 0  # rows read back from the file (the rest came from the writer in memory)
 
     def __repr__(self) -> str:
         return f"SpoolFeeder(fed_seq={self._fed_seq})"
@@ -74,32 +81,51 @@ class SpoolFeeder(threading.Thread):
 
     def _feed(self, conn: sqlite3.Connection, committed: int) -> bool:
         """One chunk into the buffer; False when the buffer is closed."""
-        try:
-            rows = spool.read_after(conn, self._fed_seq, committed, self._chunk)
-        except sqlite3.Error as exc:
-            log.error("spool %s: read failed, retrying: %s", self._writer.path, exc)
-            self._hard_stop.wait(READ_RETRY_S)
-            return True
+        fresh, first_fresh = self._writer.take_fresh(self._fed_seq + 1, self._chunk)
+        if fresh:
+            rows = [(row.seq, len(row.batch), row.bytes) for row in fresh]
+            batch = [message for row in fresh for message in row.batch]
+        else:
+            try:
+                read = spool.read_after(conn, self._fed_seq, first_fresh - 1 if first_fresh else committed, self._chunk)
+            except sqlite3.Error as exc:
+                log.error("spool %s: read failed, retrying: %s", self._writer.path, exc)
+                self._hard_stop.wait(READ_RETRY_S)
+                return True
+            self.read_rows += len(read)
+            rows = [(row.seq, len(row.texts), row.bytes) for row in read]
+            batch = self._messages(read)
+        self._writer.track(rows)
+        for first in range(0, len(batch), self._chunk):  # a request may hold more than the buffer
+            if not self._put(batch[first:first + self._chunk]):
+                return self._keep(batch[first:])
+        self._fed_seq = rows[-1][0]
+        return True
+
+    def _messages(self, rows: list[spool.Row]) -> list[Message]:
+        """Rows read from the file, as messages: those a previous run left are `known` (they may
+        be in the database already)."""
         receipts: dict[str, Receipt] = {}
-        batch = [
-            Message(
-                row.payload, row.received_at,
-                ident=row.ident, known=row.known or row.seq <= self._recovered_upto, seq=row.seq,
-                receipt=self._writer.take_waiting(row.seq) or self._receipt(row, receipts),
+        batch = []
+        for row in rows:
+            receipt = self._writer.take_waiting(row.seq) or self._receipt(row, receipts)
+            known = row.known or row.seq <= self._recovered_upto
+            batch.extend(
+                Message(text, row.received_at, ident=ident or None, known=known, seq=row.seq, receipt=receipt)
+                for text, ident in zip(row.texts, row.idents, strict=True)
             )
-            for row in rows
-        ]
+        return batch
+
+    def _put(self, batch: list[Message]) -> bool:
         while True:
             try:
                 self._buffer.put_all(batch, time.monotonic() + WAIT_S)
-                break
+                return True
             except QueueFull:
                 if self._hard_stop.is_set():
-                    return self._keep(batch)
+                    return False
             except ShuttingDown:
-                return self._keep(batch)
-        self._fed_seq = rows[-1].seq
-        return True
+                return False
 
     def _receipt(self, row: spool.Row, seen: dict[str, Receipt]) -> Receipt | None:
         """The receipt the listener opened; for a row a previous run left, a new one that only

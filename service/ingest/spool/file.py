@@ -1,19 +1,24 @@
-"""The spool file: accepted messages on local disk until the database has them.
+"""The spool file: accepted requests on local disk until the database has their messages.
 
-A SQLite file in WAL mode (a real embedded engine, no home-made log format). One table holds the
-messages in acceptance order (`seq`); a `meta` table names the format and its version, so a
+A SQLite file in WAL mode (a real embedded engine, no home-made log format). One row a request,
+in acceptance order (`seq`): its validated texts and their identities, each kept as one string
+(the texts joined, and their lengths), so writing, reading back and deleting a request costs
+three statements whatever its size. A `meta` table names the format and its version, so a
 foreign or newer file is refused instead of being reset. Only the spool writer thread writes;
 the feeder reads through a connection of its own.
 
 Opening checks the file before writing anything to it: a damaged, foreign or unknown-version file
-is a SpoolError naming the file and what is wrong, and the file is left as it was.
+is a SpoolError naming the file and what is wrong, and the file is left as it was. An older file
+is upgraded when opened for writing: each row it holds becomes a one-message row.
 """
 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -22,39 +27,61 @@ from ingest.errors import SpoolError
 from ingest.vocabulary import SPOOL_SYNC_MODES
 
 FORMAT = "ingest-spool"
-VERSION = 3  # 2: each row names its request and the request's size, for receipts; 3: its client
+# 2: each row names its request and the request's size, for receipts; 3: its client;
+# 4: one row a request (its texts and identities joined), not one a message.
+VERSION = 4
 SQLITE_MAGIC = b"SQLite format 3\x00"
-# What a row costs on disk beyond its text: seq, received_at, flags and page overhead, roughly.
+# What a request costs on disk beyond its texts and identities: seq, received_at, counts and page
+# overhead, roughly; and each message's share of the two length lists.
 ROW_OVERHEAD_BYTES = 32
+MESSAGE_OVERHEAD_BYTES = 8
+# The WAL file is cut back to this after a checkpoint, so a burst does not leave it large.
+WAL_LIMIT_BYTES = 16 * 1024 * 1024
 
+COLUMNS = ("seq", "received_at", "known", "request", "accepted", "client", "messages", "bytes",
+           "idents", "ident_lengths", "texts", "text_lengths")
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE spool (seq INTEGER PRIMARY KEY, ident TEXT NOT NULL, known INTEGER NOT NULL, "
-    "received_at REAL NOT NULL, payload TEXT NOT NULL, request TEXT, accepted INTEGER, client TEXT)",
+    "CREATE TABLE spool (seq INTEGER PRIMARY KEY, received_at REAL NOT NULL, known INTEGER NOT NULL, "
+    "request TEXT, accepted INTEGER, client TEXT, messages INTEGER NOT NULL, bytes INTEGER NOT NULL, "
+    "idents TEXT NOT NULL, ident_lengths TEXT NOT NULL, texts TEXT NOT NULL, text_lengths TEXT NOT NULL)",
 )
 # Older files are upgraded in place when opened for writing: version 1 rows have no request,
-# version 1 and 2 rows no client (their receipts are written without an owner).
+# version 1 and 2 rows no client (their receipts are written without an owner); rows of versions
+# 1 to 3 hold one message each, and become one-message rows of version 4 (whose lengths are
+# never read: a one-message row is its whole text).
 _UPGRADES = {
     1: ("ALTER TABLE spool ADD COLUMN request TEXT", "ALTER TABLE spool ADD COLUMN accepted INTEGER"),
     2: ("ALTER TABLE spool ADD COLUMN client TEXT",),
+    3: (
+        _SCHEMA[1].replace("CREATE TABLE spool", "CREATE TABLE spool_v4"),
+        "INSERT INTO spool_v4 SELECT seq, received_at, known, request, accepted, client, 1, "
+        f"length(payload) + length(ident) + coalesce(length(request), 0) + {ROW_OVERHEAD_BYTES} "
+        f"+ {MESSAGE_OVERHEAD_BYTES}, ident, length(ident), payload, length(payload) FROM spool ORDER BY seq",
+        "DROP TABLE spool",
+        "ALTER TABLE spool_v4 RENAME TO spool",
+    ),
 }
 
 
 @dataclass(frozen=True)
 class Row:
+    """One accepted request as the spool keeps it."""
+
     seq: int
-    ident: str
-    known: bool
     received_at: float
-    payload: str
+    known: bool
     request: str | None  # None in rows a version 1 spool kept
     accepted: int | None
-    client: str | None  # with --auth-tokens, the request's client; None in rows of versions 1 and 2
+    client: str | None  # with --auth-tokens, the request's client; None in rows of versions 1 to 2
+    bytes: int
+    idents: list[str]
+    texts: list[str]
 
 
 @dataclass(frozen=True)
 class Status:
-    messages: int
+    messages: int  # messages, not rows: a row holds a request
     bytes: int
     first_seq: int
     last_seq: int
@@ -65,9 +92,27 @@ class Status:
         return f"spool    {path}\nmessages {self.messages}\nbytes    {self.bytes}\noldest   {age}"
 
 
-def row_bytes(payload: str, ident: str, request: str) -> int:
-    """A message's share of the spool's capacity (its text in UTF-8 is at least this long)."""
-    return len(payload) + len(ident) + len(request) + ROW_OVERHEAD_BYTES
+def request_bytes(texts_length: int, idents_length: int, request: str, messages: int) -> int:
+    """A request's share of the spool's capacity (its texts in UTF-8 are at least this long)."""
+    return texts_length + idents_length + len(request) + ROW_OVERHEAD_BYTES + messages * MESSAGE_OVERHEAD_BYTES
+
+
+def joined(items: Sequence[str]) -> tuple[str, str]:
+    """Strings as one: their concatenation and their lengths (exact for any text, and a join and a
+    split cost far less than a JSON array's escaping: measured in docs/performance/benchmark.md)."""
+    if len(items) == 1:
+        return items[0], str(len(items[0]))
+    return "".join(items), ",".join([str(len(item)) for item in items])
+
+
+def split(blob: str, lengths: str, count: int) -> list[str]:
+    """The strings `joined` made, back."""
+    if count == 1:
+        return [blob]
+    ends = list(itertools.accumulate(map(int, lengths.split(","))))
+    if len(ends) != count or ends[-1] != len(blob):
+        raise SpoolError(f"a spool row's lengths do not match its contents ({len(ends)} of {count})")
+    return [blob[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def claim(path: Path) -> IO[bytes]:
@@ -87,7 +132,8 @@ def claim(path: Path) -> IO[bytes]:
 
 
 def open_spool(path: Path, sync: str = "full", *, create: bool = True, writable: bool = True) -> sqlite3.Connection:
-    """A checked connection to the spool at `path`, created if missing (and `create`).
+    """A checked connection to the spool at `path`, created if missing (and `create`), upgraded to
+    the current version if older (and `writable`).
 
     Not `writable`: opened read-only, for looking without changing anything."""
     if sync not in SPOOL_SYNC_MODES:
@@ -110,6 +156,7 @@ def open_spool(path: Path, sync: str = "full", *, create: bool = True, writable:
         if writable:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={sync.upper()}")
+            conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
     except sqlite3.Error as exc:
         conn.close()
         raise SpoolError(f"spool {path}: {exc}") from None
@@ -162,6 +209,8 @@ def _upgrade(conn: sqlite3.Connection, version: int) -> None:
 
 
 def _create(conn: sqlite3.Connection) -> None:
+    # Incremental: the pages an emptied spool frees can be given back (SpoolWriter.shrink).
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     with conn:
         conn.execute("BEGIN")
         for statement in _SCHEMA:
@@ -170,21 +219,39 @@ def _create(conn: sqlite3.Connection) -> None:
 
 
 def status(conn: sqlite3.Connection) -> Status:
-    count, size, first, last, oldest = conn.execute(
-        f"SELECT count(*), coalesce(sum(length(payload) + length(ident) + coalesce(length(request), 0) "
-        f"+ {ROW_OVERHEAD_BYTES}), 0), "
-        "coalesce(min(seq), 0), coalesce(max(seq), 0), min(received_at) FROM spool"
+    messages, size, first, last, oldest = conn.execute(
+        "SELECT coalesce(sum(messages), 0), coalesce(sum(bytes), 0), coalesce(min(seq), 0), coalesce(max(seq), 0), "
+        "min(received_at) FROM spool"
     ).fetchone()
-    return Status(count, size, first, last, oldest)
+    return Status(messages, size, first, last, oldest)
 
 
-def read_after(conn: sqlite3.Connection, after_seq: int, up_to_seq: int, limit: int) -> list[Row]:
-    rows = conn.execute(
-        "SELECT seq, ident, known, received_at, payload, request, accepted, client FROM spool "
-        "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-        (after_seq, up_to_seq, limit),
-    ).fetchall()
-    return [
-        Row(seq, ident, bool(known), received_at, payload, request, accepted, client)
-        for seq, ident, known, received_at, payload, request, accepted, client in rows
-    ]
+def insert(conn: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -> None:
+    """Rows in the order of COLUMNS (the writer builds them)."""
+    conn.executemany(f"INSERT INTO spool ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows)
+
+
+def delete(conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
+    conn.executemany("DELETE FROM spool WHERE seq = ?", [(seq,) for seq in seqs])
+
+
+def read_after(conn: sqlite3.Connection, after_seq: int, up_to_seq: int, max_messages: int) -> list[Row]:
+    """Rows after `after_seq`, in order, until they hold `max_messages` (at least one row)."""
+    cursor = conn.execute(
+        "SELECT seq, received_at, known, request, accepted, client, messages, bytes, idents, ident_lengths, texts, "
+        "text_lengths FROM spool WHERE seq > ? AND seq <= ? ORDER BY seq",
+        (after_seq, up_to_seq),
+    )
+    found: list[Row] = []
+    count = 0
+    try:
+        for seq, received_at, known, request, accepted, client, n, size, idents, ident_lengths, texts, lengths \
+                in cursor:
+            found.append(Row(seq, received_at, bool(known), request, accepted, client, size,
+                             split(idents, ident_lengths, n), split(texts, lengths, n)))
+            count += n
+            if count >= max_messages:
+                break
+    finally:
+        cursor.close()
+    return found

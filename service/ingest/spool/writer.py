@@ -1,13 +1,23 @@
 """The spool writer thread: group commit of accepted requests to the spool file.
 
 One more producer-consumer stage. Listener handlers `submit` a request's messages and await the
-returned future; this thread takes every request that is waiting, writes them all (and deletes the
-rows consumers have stored since) in one transaction, commits once (an fsync with sync=full), then
-settles their futures: the handlers answer 202. Under load, many requests share one fsync.
+returned future; this thread takes every request that is waiting, writes each as one row (and
+deletes the rows whose every message consumers have stored since) in one transaction, commits
+once (an fsync with sync=full), then settles their futures: the handlers answer 202. Under load,
+many requests share one fsync, and a request costs one row however many messages it holds.
+
+A committed request is also handed to the feeder in memory (`take_fresh`), up to `hand_off`
+messages waiting there: the feeder then puts the very messages the listener made into the
+buffer, instead of reading back and splitting what was just written. Past that bound (the
+database slower than the clients) the feeder reads the file, so memory stays bounded.
+
+A row leaves the file once the last of its messages is in the database (stored, duplicate or
+dead-lettered): the feeder `track`s each row it feeds with its message count, consumers
+`forget` what they stored, and the next commit deletes the rows that count reached zero for.
 
 The spool is bounded in bytes: a submit that would pass `max_bytes` is refused at once (503).
 Error policy: a failed commit (a full disk, an I/O error) fails the requests it held with
-SpoolUnavailable (503, the client retries) and gives the deletions back for the next commit; the
+SpoolUnavailable (503, the client retries) and keeps the deletions for the next commit; the
 thread carries on. Anything else is logged and ends the thread; the service notices and stops.
 """
 
@@ -16,7 +26,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+from collections import Counter, deque
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -28,30 +40,48 @@ log = logging.getLogger(__name__)
 
 # What a waiting ack=commit client hears when its messages outlast a shutdown in the spool.
 KEPT_IN_SPOOL = "not stored before shutdown; kept in the spool for the next start"
-_INSERT = (
-    "INSERT INTO spool (seq, ident, known, received_at, payload, request, accepted, client) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_DELETE = "DELETE FROM spool WHERE seq = ?"
+# An emptied spool gives its free pages back to the file system once they are more than this.
+SHRINK_BYTES = 8 * 1024 * 1024
 
-_Submit = tuple[list[Message], int, "Future[None]"]
+
+@dataclass
+class _Submit:
+    batch: list[Message]
+    bytes: int
+    future: Future[None]
+    seq: int = 0  # its row, once written
+
+
+@dataclass(frozen=True)
+class Fresh:
+    """A request just committed, handed to the feeder as the listener made it."""
+
+    seq: int
+    batch: list[Message]
+    bytes: int
 
 
 class SpoolWriter(threading.Thread):
     """Non-daemon: requests it holds have not been answered yet, and deletions not written."""
 
-    def __init__(self, path: Path, *, sync: str, max_bytes: int) -> None:
+    def __init__(self, path: Path, *, sync: str, max_bytes: int, hand_off: int = 10_000) -> None:
         super().__init__(name="spool-writer", daemon=False)
         self.path = path
         self.sync = sync
         self.max_bytes = max_bytes
+        self._hand_off = hand_off
         self._conn: sqlite3.Connection | None = None
         self._claim: IO[bytes] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # submits or deletions are waiting
         self._committed = threading.Condition(self._lock)  # committed_seq moved on
         self._submits: list[_Submit] = []
-        self._done: list[tuple[int, int]] = []  # (seq, bytes) stored in the database
+        self._done: list[tuple[int, int]] = []  # (seq, messages) stored in the database since the last commit
+        self._rows: dict[int, list[int]] = {}  # seq -> [its messages not yet stored, its bytes], for fed rows
+        self._finished: list[tuple[int, int]] = []  # (seq, bytes) of rows to delete, kept if a commit fails
+        self._forgotten = 0  # messages stored since the last commit, kept if a commit fails
+        self._fresh: deque[Fresh] = deque()
+        self._fresh_messages = 0
         self._waiting: dict[int, Receipt] = {}  # seq -> its ack=commit request, whose client waits
         self._accepting = True
         self._committing = False  # submits taken off the queue, not yet published
@@ -61,6 +91,7 @@ class SpoolWriter(threading.Thread):
         self.recovered = spool.Status(0, 0, 0, 0, None)
         self.messages = 0
         self.bytes = 0
+        self.commits = 0
 
     def __repr__(self) -> str:
         return f"SpoolWriter({self.path}, messages={self.messages}, bytes={self.bytes})"
@@ -83,7 +114,7 @@ class SpoolWriter(threading.Thread):
 
     def submit(self, batch: list[Message]) -> Future[None]:
         """Queue a request's messages for the next commit; the future settles once they are on disk."""
-        need = sum(_row_bytes(m) for m in batch)
+        need = _request_bytes(batch)
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("service is shutting down", messages=len(batch))
@@ -93,22 +124,49 @@ class SpoolWriter(threading.Thread):
             self.messages += len(batch)
             future: Future[None] = Future()
             future.set_running_or_notify_cancel()  # only this thread settles it
-            self._submits.append((batch, need, future))
+            self._submits.append(_Submit(batch, need, future))
             self._wake.notify()
         return future
 
     # -- the consumers' and the feeder's side ------------------------------------------------
 
+    def track(self, rows: list[tuple[int, int, int]]) -> None:
+        """The feeder is about to feed these rows, (seq, messages, bytes): each is deleted once
+        that many of its messages are forgotten. Before the buffer has them, so before any forget."""
+        with self._lock:
+            for seq, count, size in rows:
+                self._rows[seq] = [count, size]
+
     def forget(self, batch: list[Message]) -> None:
-        """These messages are in the database (stored, duplicate or dead-lettered): delete them."""
-        done = [(m.seq, _row_bytes(m)) for m in batch if m.seq is not None]
+        """These messages are in the database (stored, duplicate or dead-lettered): when they are
+        the last of their request, its row goes with the next commit."""
+        done = Counter(m.seq for m in batch if m.seq is not None)
         if done:
             with self._lock:
-                self._done.extend(done)
+                self._done.extend(done.items())
                 self._wake.notify()
 
+    def take_fresh(self, next_seq: int, max_messages: int) -> tuple[list[Fresh], int]:
+        """Committed requests from `next_seq` on as the listener made them, up to `max_messages`
+        (at least one); when the next one is not here (read it from the file), none, and the
+        first seq that is here (0: none is) so the file is read up to it only."""
+        with self._lock:
+            fresh = self._fresh
+            while fresh and fresh[0].seq < next_seq:
+                self._fresh_messages -= len(fresh.popleft().batch)
+            taken: list[Fresh] = []
+            count = 0
+            while fresh and fresh[0].seq == next_seq and (not taken or count + len(fresh[0].batch) <= max_messages):
+                row = fresh.popleft()
+                self._fresh_messages -= len(row.batch)
+                self._waiting.pop(row.seq, None)
+                taken.append(row)
+                count += len(row.batch)
+                next_seq += 1
+            return taken, (fresh[0].seq if fresh and not taken else 0)
+
     def take_waiting(self, seq: int) -> Receipt | None:
-        """The ack=commit request a spooled message belongs to (the very record its client awaits)."""
+        """The ack=commit request a spooled row holds (the very record its client awaits)."""
         with self._lock:
             return self._waiting.pop(seq, None)
 
@@ -157,57 +215,100 @@ class SpoolWriter(threading.Thread):
         try:
             while True:
                 with self._lock:
-                    while not self._submits and not self._done and not self._closing:
+                    while not self._submits and not self._done and not self._finished and not self._closing:
                         self._wake.wait()
-                    if not self._submits and not self._done:
+                    if not self._submits and not self._done and not self._finished:
                         return
                     submits, self._submits = self._submits, []
-                    done, self._done = self._done, []
+                    self._count_done()
+                    finished, self._finished = self._finished, []
+                    forgotten, self._forgotten = self._forgotten, 0
                     self._committing = bool(submits)
-                self._commit(submits, done)
+                self._commit(submits, finished, forgotten)
         finally:
             self._fail_waiting()
             if self._conn is not None:
                 self._conn.close()
 
-    def _commit(self, submits: list[_Submit], done: list[tuple[int, int]]) -> None:
+    def _count_done(self) -> None:
+        """Under the lock: what consumers stored, counted down per row; rows at zero are finished."""
+        done, self._done = self._done, []
+        for seq, count in done:
+            self._forgotten += count
+            row = self._rows.get(seq)
+            if row is None:
+                continue  # not tracked: fed by no one (cannot happen), so not deleted either
+            row[0] -= count
+            if row[0] <= 0:
+                del self._rows[seq]
+                self._finished.append((seq, row[1]))
+
+    def _commit(self, submits: list[_Submit], finished: list[tuple[int, int]], forgotten: int) -> None:
         assert self._conn is not None
         rows = []
         waiting: dict[int, Receipt] = {}
-        for batch, _need, _future in submits:
+        for submit in submits:
+            submit.seq = seq = self._next_seq
+            self._next_seq += 1
+            batch = submit.batch
             for message in batch:
-                message.seq = self._next_seq
-                self._next_seq += 1
-                receipt = message.receipt
-                rows.append((
-                    message.seq, message.ident, int(message.known), message.received_at, message.text,
-                    receipt.id if receipt is not None else None, receipt.accepted if receipt is not None else None,
-                    receipt.client if receipt is not None else None,
-                ))
-                if receipt is not None and receipt.future is not None:
-                    waiting[message.seq] = receipt
+                message.seq = seq
+            first = batch[0]
+            receipt = first.receipt
+            idents, ident_lengths = spool.joined([m.ident or "" for m in batch])
+            texts, text_lengths = spool.joined([m.text for m in batch])
+            rows.append((
+                seq, first.received_at, int(first.known),
+                receipt.id if receipt is not None else None, receipt.accepted if receipt is not None else None,
+                receipt.client if receipt is not None else None,
+                len(batch), submit.bytes, idents, ident_lengths, texts, text_lengths,
+            ))
+            if receipt is not None and receipt.future is not None:
+                waiting[seq] = receipt
         try:
             self._conn.execute("BEGIN")
             if rows:
-                self._conn.executemany(_INSERT, rows)
-            if done:
-                self._conn.executemany(_DELETE, [(seq,) for seq, _ in done])
+                spool.insert(self._conn, rows)
+            if finished:
+                spool.delete(self._conn, [seq for seq, _ in finished])
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._rolled_back(submits, done, exc)
+            self._rolled_back(submits, finished, forgotten, exc)
             return
         with self._lock:
+            self.commits += 1
             self._waiting.update(waiting)
+            for submit in submits:
+                if self._fresh_messages + len(submit.batch) <= self._hand_off:
+                    self._fresh.append(Fresh(submit.seq, submit.batch, submit.bytes))
+                    self._fresh_messages += len(submit.batch)
             if rows:
                 self.committed_seq = rows[-1][0]
-            self.messages -= len(done)
-            self.bytes -= sum(size for _, size in done)
+            self.messages -= forgotten
+            self.bytes -= sum(size for _, size in finished)
             self._committing = False
             self._committed.notify_all()
-        for _batch, _need, future in submits:
-            future.set_result(None)
+            empty = finished and not self.messages
+        for submit in submits:
+            submit.future.set_result(None)
+        if empty:
+            self._shrink()
 
-    def _rolled_back(self, submits: list[_Submit], done: list[tuple[int, int]], exc: sqlite3.Error) -> None:
+    def _shrink(self) -> None:
+        """An empty spool: give its free pages back, once they are many (a burst has passed)."""
+        assert self._conn is not None
+        try:
+            free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+            page = self._conn.execute("PRAGMA page_size").fetchone()[0]
+            if free * page > SHRINK_BYTES:
+                self._conn.execute("PRAGMA incremental_vacuum")
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("spool %s: could not give free pages back: %s", self.path, exc)
+
+    def _rolled_back(
+        self, submits: list[_Submit], finished: list[tuple[int, int]], forgotten: int, exc: sqlite3.Error
+    ) -> None:
         assert self._conn is not None
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
@@ -215,20 +316,24 @@ class SpoolWriter(threading.Thread):
         with self._lock:
             self._committing = False
             self._committed.notify_all()
-            self._done[:0] = done  # still in the file: delete them with the next commit
-            for batch, need, _future in submits:
-                self.bytes -= need
-                self.messages -= len(batch)
-        for batch, _need, future in submits:
-            future.set_exception(SpoolUnavailable(f"spool write failed: {exc}", messages=len(batch)))
+            self._finished[:0] = finished  # still in the file: delete them with the next commit
+            self._forgotten += forgotten
+            for submit in submits:
+                self.bytes -= submit.bytes
+                self.messages -= len(submit.batch)
+        for submit in submits:
+            submit.future.set_exception(SpoolUnavailable(f"spool write failed: {exc}", messages=len(submit.batch)))
 
     def _fail_waiting(self) -> None:
         with self._lock:
             submits, self._submits = self._submits, []
-        for batch, _need, future in submits:
-            future.set_exception(ShuttingDown("service is shutting down", messages=len(batch)))
+        for submit in submits:
+            submit.future.set_exception(ShuttingDown("service is shutting down", messages=len(submit.batch)))
 
 
-def _row_bytes(message: Message) -> int:
-    request = message.receipt.id if message.receipt is not None else ""
-    return spool.row_bytes(message.text, message.ident or "", request)
+def _request_bytes(batch: list[Message]) -> int:
+    receipt = batch[0].receipt
+    return spool.request_bytes(
+        sum(len(m.text) for m in batch), sum(len(m.ident or "") for m in batch),
+        receipt.id if receipt is not None else "", len(batch),
+    )
