@@ -9,7 +9,9 @@ installed (a Python client would take the cores the service and the database nee
 end to end. In the same run it writes the same messages straight to the same database with the
 same driver (the raw limit) and prints `ingest / raw`, measures a bare aiohttp handler
 (bench/bare.py) just before each 1-message run for its ratio (`--rounds` pairs, the median
-printed), and prints the service's peak RSS. Figures, not assertions.
+printed), and prints the service's peak RSS. With a spool it also prints the fsync time of the
+spool's disk, measured in the same run, and the group commits the service made (how many
+requests each carried, how long each took against that fsync). Figures, not assertions.
 """
 
 from __future__ import annotations
@@ -220,21 +222,59 @@ def wait_rows(count_rows: Callable[[], int], expected: int) -> None:
         time.sleep(0.02)
 
 
+@dataclass(frozen=True)
+class Run:
+    rate: float  # messages/s end to end
+    rss_mib: float
+    seconds: float  # from the first request to the last row stored
+    requests: int  # acknowledged
+    commits: int  # the spool's group commits (0 without a spool)
+
+
 def end_to_end(
     db_url: str, count_rows: Callable[[], int], count: int, batch: int, concurrency: int, mode: Mode
-) -> tuple[float, float]:
+) -> Run:
     served = Served(db_url, mode.flags)
     try:
         before = count_rows()
         started = time.perf_counter()
         acked = push(served.url, count, batch, concurrency, mode.token)
         wait_rows(count_rows, before + acked)
-        rate = acked / (time.perf_counter() - started)
-        return rate, served.peak_rss_mib()
+        seconds = time.perf_counter() - started
+        return Run(acked / seconds, served.peak_rss_mib(), seconds, acked // batch,
+                   int(scrape(served.url, "ingest_spool_commits_total")))
     finally:
         code = served.stop()
         if code != 0:
             print(f"  (ingest serve exited with {code})")
+
+
+def scrape(url: str, name: str) -> float:
+    """One unlabelled sample of the service's /metrics (0 when it does not export it)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def fsync_ms(directory: str, count: int = 200) -> tuple[float, float]:
+    """Median and 90th percentile of an fsync after a 4 KiB write, in `directory` (the spool's
+    disk): the floor of a group commit with --spool-sync full."""
+    times = []
+    path = Path(directory) / "fsync-probe"
+    with path.open("wb") as handle:
+        for _ in range(count):
+            handle.write(b"x" * 4096)
+            handle.flush()
+            started = time.perf_counter()
+            os.fsync(handle.fileno())
+            times.append((time.perf_counter() - started) * 1000)
+    path.unlink()
+    times.sort()
+    return statistics.median(times), times[int(len(times) * 0.9)]
 
 
 def migrate(db_url: str) -> None:
@@ -317,6 +357,9 @@ def report(label: str, url: str, count: Callable[[], int], raw: float, args: arg
     """
     memory: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        fsync = fsync_ms(tmp)
+        print(f"{label} spool disk ({tmp}): fsync of a 4 KiB write {fsync[0]:.2f} ms median, {fsync[1]:.2f} ms p90; "
+              f"one fsync a group commit allows {1000 / fsync[0]:,.0f} commits/s")
         for batch, total, name in ((100, args.messages, "NDJSON x100"), (1, args.single, "1 msg/request")):
             for mode in args.modes:
                 paired = batch == 1 and shutil.which("wrk") is not None
@@ -328,8 +371,13 @@ def report(label: str, url: str, count: Callable[[], int], raw: float, args: arg
                         bares["bare aiohttp"] = bare_aiohttp(wrk_seconds(total, 1), args.concurrency)
                         if args.bare_uvloop:
                             bares["bare on uvloop"] = bare_aiohttp(wrk_seconds(total, 1), args.concurrency, uvloop=True)
-                    rate, rss = end_to_end(url, count, total, batch, args.concurrency, mode_flags(mode, tmp))
+                    run = end_to_end(url, count, total, batch, args.concurrency, mode_flags(mode, tmp))
+                    rate, rss = run.rate, run.rss_mib
                     rates.append(rate)
+                    if run.commits:
+                        print(f"{label} {mode:12} {name}: {run.commits:,} group commits of "
+                              f"{run.requests / run.commits:.1f} requests on average, one every "
+                              f"{run.seconds / run.commits * 1000:.2f} ms (an fsync: {fsync[0]:.2f} ms)")
                     versus = ""
                     for baseline, bare in bares.items():
                         ratios.setdefault(baseline, []).append(rate / bare)

@@ -265,3 +265,4 @@ def _wire_gauges(parts: Parts, worker: WorkerSlot | None) -> None:
         m.spool_messages.set_function(lambda: writer.messages)
         m.spool_bytes.set_function(lambda: writer.bytes)
         m.spool_capacity_bytes.set(writer.max_bytes)
+        writer.count_commit = m.spool_commits.inc

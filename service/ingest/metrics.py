@@ -40,6 +40,9 @@ class Metrics:
         self.spool_capacity_bytes = Gauge(
             "ingest_spool_capacity_bytes", "The spool's bound in bytes (0: no spool)", registry=r
         )
+        self.spool_commits = Counter(
+            "ingest_spool_commits", "Group commits of the spool (an fsync each with --spool-sync full)", registry=r
+        )
         self.duplicates = Counter(
             "ingest_messages_duplicate", "Messages not stored again: their identity was already stored", registry=r
         )

@@ -106,7 +106,7 @@ class SpoolFeeder(threading.Thread):
         """Rows read from the file, as messages: those a previous run left are `known` (they may
         be in the database already)."""
         receipts: dict[str, Receipt] = {}
-        batch = []
+        batch: list[Message] = []
         for row in rows:
             receipt = self._writer.take_waiting(row.seq) or self._receipt(row, receipts)
             known = row.known or row.seq <= self._recovered_upto

@@ -219,9 +219,14 @@ def _create(conn: sqlite3.Connection) -> None:
 
 
 def status(conn: sqlite3.Connection) -> Status:
+    """What the spool holds; also of a file of an older version opened read-only (not upgraded)."""
+    if "messages" in {name for _, name, *_ in conn.execute("PRAGMA table_info(spool)")}:
+        counts = "coalesce(sum(messages), 0), coalesce(sum(bytes), 0)"
+    else:  # versions 1 to 3: a row a message, its bytes as the upgrade counts them
+        counts = (f"count(*), coalesce(sum(length(payload) + length(ident) + {ROW_OVERHEAD_BYTES} "
+                  f"+ {MESSAGE_OVERHEAD_BYTES}), 0)")
     messages, size, first, last, oldest = conn.execute(
-        "SELECT coalesce(sum(messages), 0), coalesce(sum(bytes), 0), coalesce(min(seq), 0), coalesce(max(seq), 0), "
-        "min(received_at) FROM spool"
+        f"SELECT {counts}, coalesce(min(seq), 0), coalesce(max(seq), 0), min(received_at) FROM spool"
     ).fetchone()
     return Status(messages, size, first, last, oldest)
 

@@ -1,0 +1,98 @@
+"""A spool row is a request: it stays until the last of its messages is in the database.
+
+The writer thread on a real file, driven the way the feeder and the consumers drive it (take the
+committed request, track it, forget what was stored), with no database in the way.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from ingest.messages import Message, Receipt
+from ingest.spool import file as spool
+from ingest.spool.writer import SpoolWriter
+from support.waiting import wait_until
+
+
+def _rows(path: Path) -> list[tuple[int, int]]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT seq, messages FROM spool ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def writer(tmp_path):
+    writer = SpoolWriter(tmp_path / "spool.db", sync="normal", max_bytes=10**6)
+    writer.open()
+    writer.start()
+    yield writer
+    writer.stop_accepting()
+    writer.close()
+    writer.join(30)
+    writer.release()
+
+
+def _accepted(writer: SpoolWriter, request_id: str, count: int) -> list[Message]:
+    receipt = Receipt(request_id, count, 1.0)
+    batch = [Message(f'{{"n": {n}}}', 1.0, ident=f"g:t:{request_id}:{n}", receipt=receipt) for n in range(count)]
+    writer.submit(batch).result(10)
+    return batch
+
+
+def _commit_after(writer: SpoolWriter, step) -> None:
+    commits = writer.commits
+    step()
+    wait_until(lambda: writer.commits > commits, 10, "the writer's next commit")
+
+
+def test_a_partly_stored_request_stays_until_its_last_message_is_stored(writer) -> None:
+    first = _accepted(writer, "a", 3)
+    second = _accepted(writer, "b", 2)
+    assert _rows(writer.path) == [(1, 3), (2, 2)]  # a row a request
+    fresh, _ = writer.take_fresh(1, 100)
+    assert [(row.seq, row.batch) for row in fresh] == [(1, first), (2, second)]
+    writer.track([(row.seq, len(row.batch), row.bytes) for row in fresh])
+
+    _commit_after(writer, lambda: writer.forget(first[:2] + second[:1]))
+    assert _rows(writer.path) == [(1, 3), (2, 2)]
+    assert writer.messages == 2
+    _commit_after(writer, lambda: writer.forget(second[1:]))  # stored, or dead-lettered: forgotten alike
+    assert _rows(writer.path) == [(1, 3)]
+    _commit_after(writer, lambda: writer.forget(first[2:]))
+    assert _rows(writer.path) == []
+    assert (writer.messages, writer.bytes) == (0, 0)
+
+
+def test_past_the_hand_off_bound_requests_are_read_back_from_the_file(tmp_path) -> None:
+    writer = SpoolWriter(tmp_path / "spool.db", sync="normal", max_bytes=10**6, hand_off=3)
+    writer.open()
+    writer.start()
+    try:
+        kept = _accepted(writer, "a", 2)
+        _accepted(writer, "b", 2)  # over the bound: in the file only
+        fresh, first_fresh = writer.take_fresh(1, 100)
+        assert [row.batch for row in fresh] == [kept] and first_fresh == 0
+        assert writer.take_fresh(2, 100) == ([], 0)
+        conn = spool.open_spool(writer.path, "normal", create=False)
+        try:
+            (row,) = spool.read_after(conn, 1, writer.committed_seq, 100)
+        finally:
+            conn.close()
+        assert (row.seq, row.request, row.texts, row.idents) == (
+            2, "b", ['{"n": 0}', '{"n": 1}'], ["g:t:b:0", "g:t:b:1"]
+        )
+    finally:
+        writer.close()
+        writer.join(30)
+        writer.release()
+
+
+@pytest.mark.parametrize("items", [["x"], ["", "a,b", "1,2", "é😀", "\n\u0000", ""], [str(n) * n for n in range(50)]])
+def test_joined_strings_split_back_exactly(items) -> None:
+    blob, lengths = spool.joined(items)
+    assert spool.split(blob, lengths, len(items)) == items
