@@ -1,6 +1,7 @@
 """Soak: steady load with bursts for a long time; is memory bounded by the queue, not the traffic?
 
     python bench/soak.py [--messages 20000000] [--rate 60000] [--burst 30000] [--postgres URL]
+                         [--serve "--spool /tmp/soak.spool"]
 
 Starts a real `ingest serve` (its defaults, 4 consumers) on a Postgres database it creates and
 drops, and runs `ingest push` against it: NDJSON batches of 100 at `--rate` messages/s plus
@@ -9,12 +10,15 @@ schedule when the service pushes back). Every `--every` seconds it reads the ser
 /metrics, and prints a line: received, stored, queue depth, requests in flight, RSS. At the
 end: RSS first/peak/last, the 503 share of the requests, and p50/p95/p99 of accepted ->
 committed latency from the service's histogram (interpolated within buckets, as Prometheus'
-histogram_quantile does). Figures, not assertions.
+histogram_quantile does). With a --spool among the --serve flags, each line also shows the
+messages spooled and the spool file's size on disk (with its WAL): bounded by the backlog, not by
+what was pushed. Figures, not assertions.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import shlex
 import subprocess
 import sys
@@ -43,6 +47,8 @@ class Sample:
     stored: float
     responses: dict[str, float] = field(default_factory=dict)
     latency: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
+    spooled: float = 0.0  # messages in the spool
+    spool_mib: float = 0.0  # the spool file and its WAL on disk
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -57,7 +63,22 @@ def scrape(url: str) -> dict[str, float]:
     return values
 
 
-def sample(served: Served, started_s: float) -> Sample:
+def spool_path(serve_flags: list[str]) -> Path | None:
+    """The --spool file among the flags for ingest serve, if any."""
+    for flag, value in itertools.pairwise(serve_flags):
+        if flag == "--spool":
+            return Path(value)
+    return None
+
+
+def on_disk_mib(path: Path | None) -> float:
+    if path is None:
+        return 0.0
+    files = [path, path.with_name(path.name + "-wal")]
+    return sum(f.stat().st_size for f in files if f.exists()) / 2**20
+
+
+def sample(served: Served, started_s: float, spool: Path | None = None) -> Sample:
     metrics = scrape(served.url)
     rss = next(int(line.split()[1]) / 1024 for line in Path(f"/proc/{served.proc.pid}/status").read_text().splitlines()
                if line.startswith("VmRSS:"))
@@ -76,6 +97,8 @@ def sample(served: Served, started_s: float) -> Sample:
         responses={k.split('code="', 1)[1].split('"', 1)[0]: v for k, v in metrics.items()
                    if k.startswith("ingest_http_requests_total{")},
         latency=buckets,
+        spooled=metrics.get("ingest_spool_messages", 0.0),
+        spool_mib=on_disk_mib(spool),
     )
 
 
@@ -139,16 +162,18 @@ def soak(served: Served, args: argparse.Namespace) -> None:
          "--concurrency", str(args.concurrency), "--rate", str(args.rate), "--burst", str(args.burst)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
-    samples = [sample(served, started_s)]
-    print(f"{'t (s)':>7} {'received':>12} {'stored':>12} {'queue':>7} {'requests':>8} {'RSS MiB':>8}")
+    spool = spool_path(shlex.split(args.serve))
+    samples = [sample(served, started_s, spool)]
+    print(f"{'t (s)':>7} {'received':>12} {'stored':>12} {'queue':>7} {'requests':>8} {'RSS MiB':>8}"
+          + (f" {'spooled':>9} {'spool MiB':>9}" if spool else ""))
     done = threading.Event()
     threading.Thread(target=lambda: (pusher.wait(), done.set()), name="push-wait", daemon=True).start()
     while True:
         finished = done.wait(args.every)
-        now = sample(served, started_s)
+        now = sample(served, started_s, spool)
         samples.append(now)
         print(f"{now.at_s:7.0f} {now.received:12,.0f} {now.stored:12,.0f} {now.queue:7,.0f} {now.in_flight:8,.0f} "
-              f"{now.rss_mib:8.1f}", flush=True)
+              f"{now.rss_mib:8.1f}" + (f" {now.spooled:9,.0f} {now.spool_mib:9.1f}" if spool else ""), flush=True)
         if finished and now.stored >= now.received:
             break
     summary = pusher.stdout.read() if pusher.stdout else ""
@@ -158,6 +183,10 @@ def soak(served: Served, args: argparse.Namespace) -> None:
     rss = [s.rss_mib for s in samples]
     print(f"\nmessages stored {last.stored:,.0f} in {last.at_s:.0f} s ({last.stored / last.at_s:,.0f} msgs/s)")
     print(f"RSS MiB: first {rss[0]:.1f}, peak {max(rss):.1f}, last {rss[-1]:.1f}")
+    if spool:
+        peak = max(samples, key=lambda s: s.spooled)
+        print(f"spool: most messages spooled {peak.spooled:,.0f} (at {peak.at_s:.0f} s); on disk MiB: peak "
+              f"{max(s.spool_mib for s in samples):.1f}, last {on_disk_mib(spool):.1f}")
     print(f"503 share: {responses.get('503', 0.0):,.0f} of {posts:,.0f} requests "
           f"({100 * responses.get('503', 0.0) / posts if posts else 0:.2f} %)")
     latency = ", ".join(f"p{round(q * 100)} {quantile(q, first.latency, last.latency) * 1000:.0f} ms"

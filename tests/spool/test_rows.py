@@ -7,12 +7,17 @@ committed request, track it, forget what was stored), with no database in the wa
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
+from ingest.buffer import Buffer
+from ingest.errors import SpoolUnavailable
 from ingest.messages import Message, Receipt
+from ingest.receipts import Ledger
 from ingest.spool import file as spool
+from ingest.spool.feeder import SpoolFeeder
 from ingest.spool.writer import SpoolWriter
 from support.waiting import wait_until
 
@@ -96,3 +101,28 @@ def test_past_the_hand_off_bound_requests_are_read_back_from_the_file(tmp_path) 
 def test_joined_strings_split_back_exactly(items) -> None:
     blob, lengths = spool.joined(items)
     assert spool.split(blob, lengths, len(items)) == items
+
+
+def test_a_failed_commit_leaves_a_gap_the_feeder_steps_over(writer) -> None:
+    """A commit that fails (here: another connection holds the write lock past SQLite's 5 s busy
+    wait) answers 503 and uses its seq; the next request is committed and fed all the same."""
+    hard_stop = threading.Event()
+    buffer = Buffer(100)
+    feeder = SpoolFeeder(writer, buffer, chunk=100, hard_stop=hard_stop, ledger=Ledger())
+    feeder.start()
+    lock = sqlite3.connect(writer.path, isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        refused = writer.submit([Message('{"n": 0}', 1.0, ident="g:t:refused")])
+        with pytest.raises(SpoolUnavailable):
+            refused.result(30)
+        lock.execute("ROLLBACK")
+        accepted = _accepted(writer, "after", 2)
+        taken = buffer.take(10, 0.0, 10.0)
+        assert taken == accepted and [m.seq for m in taken] == [2, 2]
+        assert writer.messages == 2
+    finally:
+        lock.close()
+        hard_stop.set()
+        buffer.close()
+        feeder.join(30)

@@ -86,11 +86,15 @@ class SpoolFeeder(threading.Thread):
             rows = [(row.seq, len(row.batch), row.bytes) for row in fresh]
             batch = [message for row in fresh for message in row.batch]
         else:
+            up_to = first_fresh - 1 if first_fresh else committed
             try:
-                read = spool.read_after(conn, self._fed_seq, first_fresh - 1 if first_fresh else committed, self._chunk)
+                read = spool.read_after(conn, self._fed_seq, up_to, self._chunk)
             except sqlite3.Error as exc:
                 log.error("spool %s: read failed, retrying: %s", self._writer.path, exc)
                 self._hard_stop.wait(READ_RETRY_S)
+                return True
+            if not read:  # seqs a failed commit took: no row has them
+                self._fed_seq = up_to
                 return True
             self.read_rows += len(read)
             rows = [(row.seq, len(row.texts), row.bytes) for row in read]
