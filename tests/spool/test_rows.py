@@ -32,7 +32,7 @@ def _rows(path: Path) -> list[tuple[int, int]]:
 
 @pytest.fixture
 def writer(tmp_path):
-    writer = SpoolWriter(tmp_path / "spool.db", sync="normal", max_bytes=10**6)
+    writer = SpoolWriter(tmp_path / "spool.db", sync="normal", max_bytes=100 * 2**20)
     writer.open()
     writer.start()
     yield writer
@@ -126,3 +126,23 @@ def test_a_failed_commit_leaves_a_gap_the_feeder_steps_over(writer) -> None:
         hard_stop.set()
         buffer.close()
         feeder.join(30)
+
+
+def test_an_emptied_spool_gives_its_pages_back(writer) -> None:
+    """After a burst of 12 MiB is stored, the file is no larger than a few pages: its size
+    follows the backlog, not what went through it."""
+    text = '{"pad": "' + "x" * 100_000 + '"}'
+    batches = []
+    for n in range(120):
+        batch = [Message(text, 1.0, ident=f"g:t:{n}", receipt=Receipt(f"r{n}", 1, 1.0))]
+        batches.append(batch)
+        writer.submit(batch).result(10)
+    assert writer.path.stat().st_size + Path(f"{writer.path}-wal").stat().st_size > 12 * 2**20
+    fresh, _ = writer.take_fresh(1, 1000)
+    writer.track([(row.seq, len(row.batch), row.bytes) for row in fresh])
+    assert len(fresh) == 120
+    _commit_after(writer, lambda: writer.forget([m for batch in batches for m in batch]))
+    assert _rows(writer.path) == []
+    wal = Path(f"{writer.path}-wal")
+    wait_until(lambda: writer.path.stat().st_size < 2**20 and wal.stat().st_size < 2**20, 10,
+               "the free pages given back")
