@@ -181,8 +181,10 @@ def _spool_and_intake(
         intake = BufferIntake(buffer, executor=enqueue, enqueue_timeout_s=settings.enqueue_timeout_s,
                               retry_after_s=throughput.retry_after_s)
         return NoSpool(), intake
+    # The hand-off to the feeder holds what the feeder takes at once (SpoolStage's chunk): enough
+    # to keep the buffer fed while the writer is ahead, no more memory than that when it is not.
     writer = SpoolWriter(Path(settings.spool), sync=settings.spool_sync, max_bytes=settings.spool_max_bytes,
-                         hand_off=settings.queue_size)
+                         hand_off=2 * settings.batch_size)
     stage = SpoolStage(writer, buffer=buffer, batch_size=settings.batch_size, hard_stop=shutdown.hard_stop,
                        ledger=ledger)
     return stage, SpoolIntake(writer, retry_after_s=throughput.retry_after_s)

@@ -65,7 +65,7 @@ class Fresh:
 class SpoolWriter(threading.Thread):
     """Non-daemon: requests it holds have not been answered yet, and deletions not written."""
 
-    def __init__(self, path: Path, *, sync: str, max_bytes: int, hand_off: int = 10_000) -> None:
+    def __init__(self, path: Path, *, sync: str, max_bytes: int, hand_off: int = 2_000) -> None:
         super().__init__(name="spool-writer", daemon=False)
         self.path = path
         self.sync = sync
