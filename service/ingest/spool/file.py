@@ -40,10 +40,7 @@ WAL_LIMIT_BYTES = 16 * 1024 * 1024
 
 COLUMNS = ("seq", "received_at", "known", "request", "accepted", "client", "messages", "bytes",
            "idents", "ident_lengths", "texts", "text_lengths")
-# Rows a statement: within SQLite's bound on parameters (32,766) and its statement cache's use.
-ROWS_A_STATEMENT = 500
-_INSERT = f"INSERT INTO spool ({', '.join(COLUMNS)}) VALUES "
-_ONE_ROW = f"({', '.join('?' * len(COLUMNS))})"
+_INSERT = f"INSERT INTO spool ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE spool (seq INTEGER PRIMARY KEY, received_at REAL NOT NULL, known INTEGER NOT NULL, "
@@ -236,21 +233,16 @@ def status(conn: sqlite3.Connection) -> Status:
 
 
 def insert(conn: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -> None:
-    """Rows in the order of COLUMNS (the writer builds them), many a statement.
+    """Rows in the order of COLUMNS (the writer builds them).
 
-    One statement, not executemany: each step lets go of the GIL and must win it back, which
-    under load waits for another thread's switch interval (5 ms); a group commit of 30 requests
-    took 30 such waits."""
-    for first in range(0, len(rows), ROWS_A_STATEMENT):
-        part = rows[first:first + ROWS_A_STATEMENT]
-        conn.execute(_INSERT + ", ".join([_ONE_ROW] * len(part)), [value for row in part for value in row])
+    executemany: one statement, prepared once. A statement of many rows (tried) saved a few steps
+    a commit, but each size is a statement of its own in the connection's cache, and each keeps
+    the texts last bound to it: peak RSS with a spool went 7 MiB up (89 against 96 MiB)."""
+    conn.executemany(_INSERT, rows)
 
 
 def delete(conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
-    """The rows `seqs`, many a statement (see insert)."""
-    for first in range(0, len(seqs), ROWS_A_STATEMENT):
-        part = seqs[first:first + ROWS_A_STATEMENT]
-        conn.execute(f"DELETE FROM spool WHERE seq IN ({', '.join('?' * len(part))})", part)
+    conn.executemany("DELETE FROM spool WHERE seq = ?", [(seq,) for seq in seqs])
 
 
 def read_after(conn: sqlite3.Connection, after_seq: int, up_to_seq: int, max_messages: int) -> list[Row]:
