@@ -20,9 +20,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import IO
 
-from ingest.errors import ShuttingDown, SpoolFull, SpoolUnavailable
+from ingest.errors import ShuttingDown, SpoolError, SpoolFull, SpoolUnavailable
 from ingest.messages import Message, Receipt
 from ingest.spool import file as spool
+from ingest.spool.absorb import absorb
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ _INSERT = (
 _DELETE = "DELETE FROM spool WHERE seq = ?"
 
 _Submit = tuple[list[Message], int, "Future[None]"]
+_Absorb = tuple[Path, spool.Status, "Future[None]"]
 
 
 class SpoolWriter(threading.Thread):
@@ -51,6 +53,7 @@ class SpoolWriter(threading.Thread):
         self._wake = threading.Condition(self._lock)  # submits or deletions are waiting
         self._committed = threading.Condition(self._lock)  # committed_seq moved on
         self._submits: list[_Submit] = []
+        self._absorbs: list[_Absorb] = []  # orphan spools to append (adopter.py)
         self._done: list[tuple[int, int]] = []  # (seq, bytes) stored in the database
         self._waiting: dict[int, Receipt] = {}  # seq -> its ack=commit request, whose client waits
         self._accepting = True
@@ -97,6 +100,19 @@ class SpoolWriter(threading.Thread):
             self._wake.notify()
         return future
 
+    def absorb(self, path: Path, found: spool.Status) -> Future[None]:
+        """Append an orphan spool's rows (`found`: what it holds) to this one in one transaction;
+        the future settles once they are committed here. Never refused for want of room: these
+        messages were acknowledged by their dead owner (new requests get 503 until there is room)."""
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDown("service is shutting down")
+            future: Future[None] = Future()
+            future.set_running_or_notify_cancel()
+            self._absorbs.append((path, found, future))
+            self._wake.notify()
+        return future
+
     # -- the consumers' and the feeder's side ------------------------------------------------
 
     def forget(self, batch: list[Message]) -> None:
@@ -121,7 +137,7 @@ class SpoolWriter(threading.Thread):
 
     def accepting(self) -> bool:
         with self._lock:
-            return self._accepting or bool(self._submits) or self._committing
+            return self._accepting or bool(self._submits) or bool(self._absorbs) or self._committing
 
     # -- stopping ----------------------------------------------------------------------------
 
@@ -138,6 +154,11 @@ class SpoolWriter(threading.Thread):
             self._accepting = False
             self._closing = True
             self._wake.notify()
+
+    @property
+    def claimed(self) -> bool:
+        """Whether this process holds the file's lock (between open and release)."""
+        return self._claim is not None
 
     def release(self) -> None:
         """Let another process have the spool (after the thread has ended, or if it never ran)."""
@@ -157,14 +178,18 @@ class SpoolWriter(threading.Thread):
         try:
             while True:
                 with self._lock:
-                    while not self._submits and not self._done and not self._closing:
+                    while not self._submits and not self._done and not self._absorbs and not self._closing:
                         self._wake.wait()
-                    if not self._submits and not self._done:
+                    if not self._submits and not self._done and not self._absorbs:
                         return
                     submits, self._submits = self._submits, []
                     done, self._done = self._done, []
-                    self._committing = bool(submits)
-                self._commit(submits, done)
+                    absorbs, self._absorbs = self._absorbs, []
+                    self._committing = bool(submits) or bool(absorbs)
+                if submits or done:
+                    self._commit(submits, done)
+                for path, found, future in absorbs:
+                    self._absorb(path, found, future)
         finally:
             self._fail_waiting()
             if self._conn is not None:
@@ -207,6 +232,25 @@ class SpoolWriter(threading.Thread):
         for _batch, _need, future in submits:
             future.set_result(None)
 
+    def _absorb(self, path: Path, found: spool.Status, future: Future[None]) -> None:
+        assert self._conn is not None
+        try:
+            last = absorb(self._conn, path, self._next_seq)
+        except (sqlite3.Error, SpoolError) as exc:
+            with self._lock:
+                self._committing = False
+                self._committed.notify_all()
+            future.set_exception(exc)
+            return
+        with self._lock:
+            self._next_seq = last + 1
+            self.committed_seq = last
+            self.messages += found.messages
+            self.bytes += found.bytes
+            self._committing = False
+            self._committed.notify_all()
+        future.set_result(None)
+
     def _rolled_back(self, submits: list[_Submit], done: list[tuple[int, int]], exc: sqlite3.Error) -> None:
         assert self._conn is not None
         if self._conn.in_transaction:
@@ -225,8 +269,11 @@ class SpoolWriter(threading.Thread):
     def _fail_waiting(self) -> None:
         with self._lock:
             submits, self._submits = self._submits, []
+            absorbs, self._absorbs = self._absorbs, []
         for batch, _need, future in submits:
             future.set_exception(ShuttingDown("service is shutting down", messages=len(batch)))
+        for _path, _found, pending in absorbs:
+            pending.set_exception(ShuttingDown("service is shutting down"))
 
 
 def _row_bytes(message: Message) -> int:
