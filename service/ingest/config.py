@@ -128,7 +128,7 @@ class Settings:
         if self.spool_sync not in SPOOL_SYNC_MODES:
             raise ConfigError(f"spool_sync must be one of {', '.join(SPOOL_SYNC_MODES)}, got {self.spool_sync!r}")
         if self.spool is not None and not self.spool.strip():
-            raise ConfigError("spool must be a file path, got an empty one")
+            raise ConfigError("spool must be a file or directory path, got an empty one")
         for name in ("rate_limit", "rate_burst"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and value != float("inf")):

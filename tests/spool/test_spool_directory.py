@@ -287,3 +287,23 @@ def test_a_spool_directory_from_three_workers_is_stored_by_two(make_engine, post
         proxy.close()
     seqs, rows = _stored_seqs(engine)
     assert set(acked) <= seqs and rows == len(seqs) == 3000
+
+
+def test_an_orphan_that_cannot_be_adopted_is_counted_logged_once_and_left_as_it_was(
+    make_service, tmp_path, caplog
+) -> None:
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    damaged = folder / "spool-damaged.db"
+    _orphan(damaged, range(3000), "r")
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[: len(data) // 2])
+    before = damaged.read_bytes()
+    service = make_service(spool=f"{folder}/")
+    wait_until(lambda: metric(service, "ingest_spool_orphaned_messages") == 1, 10, "the damaged orphan counted")
+    assert service.spool.adopter is not None
+    service.spool.adopter.scan()  # a second round: counted again, not logged again
+    said = [r.getMessage() for r in caplog.records if "it cannot be adopted" in r.getMessage()]
+    assert len(said) == 1 and f"spool {damaged}: damaged" in said[0], said
+    assert damaged.read_bytes() == before
+    assert metric(service, "ingest_spool_orphaned_messages") == 1

@@ -14,7 +14,8 @@ database's unique index; receipts count only rows actually inserted).
 
 `orphaned` (ingest_spool_orphaned_messages): messages in orphans the latest scan found, less
 those adopted since; a file that cannot be adopted (damaged, or of a newer format) keeps
-counting, and is logged once.
+counting, and is logged once; one that cannot even be counted counts as 1 (its messages are
+unknown, and the alert must still see it).
 
 Error policy: a file that cannot be adopted, or a failed listing, is logged and tried again at
 the next scan; any other exception ends the thread, which the service notices.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import IO
 
@@ -36,6 +38,8 @@ from ingest.spool.writer import SpoolWriter
 log = logging.getLogger(__name__)
 
 ADOPT_INTERVAL_S = 5.0
+WAIT_S = 0.5
+UNCOUNTED = 1  # what an orphan that cannot be read counts for: something is there
 
 
 class SpoolAdopter(threading.Thread):
@@ -72,7 +76,7 @@ class SpoolAdopter(threading.Thread):
         orphans = self._claim_orphans()
         try:
             found = {path: self._count(path) for path, _lock in orphans}
-            self.orphaned = sum(n for n in found.values() if n is not None)
+            self.orphaned = sum(UNCOUNTED if n is None else n for n in found.values())
             for path, _lock in orphans:
                 if found[path] is None or self._halt.is_set():
                     continue
@@ -106,7 +110,7 @@ class SpoolAdopter(threading.Thread):
                 return spool.status(conn).messages
             finally:
                 conn.close()
-        except SpoolError as exc:
+        except (SpoolError, sqlite3.Error) as exc:
             if path not in self._reported:
                 self._reported.add(path)
                 log.error("%s; it cannot be adopted: move it aside, or drain it with the ingest that wrote it", exc)
@@ -121,7 +125,7 @@ class SpoolAdopter(threading.Thread):
             finally:
                 conn.close()
             if found.messages:
-                self._writer.absorb(path, found).result()
+                self._wait(self._writer.absorb(path, found))
         except ShuttingDown:
             return False
         except (SpoolError, SpoolUnavailable, sqlite3.Error) as exc:
@@ -133,3 +137,12 @@ class SpoolAdopter(threading.Thread):
                      "they are stored after the %d waiting here before them",
                      self._writer.path, found.messages, path.name, self._writer.messages - found.messages)
         return True
+
+    def _wait(self, absorbed: Future[None]) -> None:
+        """Its commit, or the writer's end: a writer that died never settles what it was handed."""
+        while True:
+            try:
+                return absorbed.result(WAIT_S)
+            except TimeoutError:
+                if not self._writer.is_alive():
+                    raise SpoolUnavailable("the spool writer has stopped") from None
