@@ -129,7 +129,10 @@ class SpoolAdopter(threading.Thread):
         except ShuttingDown:
             return False
         except (SpoolError, SpoolUnavailable, sqlite3.Error) as exc:
-            log.error("spool %s: adoption failed, trying again later: %s", path, exc)
+            # Said once a file at error level: the next scans try again, and may fail alike.
+            level = logging.DEBUG if path in self._reported else logging.ERROR
+            self._reported.add(path)
+            log.log(level, "spool %s: adoption failed, trying again every %.0f s: %s", path, self._interval_s, exc)
             return False
         self.adopted += found.messages
         if found.messages:
