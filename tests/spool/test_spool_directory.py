@@ -7,6 +7,7 @@ behind a TCP proxy the test cuts; in-process writers and adopters where two must
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -307,3 +308,64 @@ def test_an_orphan_that_cannot_be_adopted_is_counted_logged_once_and_left_as_it_
     assert len(said) == 1 and f"spool {damaged}: damaged" in said[0], said
     assert damaged.read_bytes() == before
     assert metric(service, "ingest_spool_orphaned_messages") == 1
+
+
+def _worker_pids(parent: int) -> list[int]:
+    """The `--workers` processes of `parent` (spawned: their command line says spawn_main)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                spawned = b"spawn_main" in (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if ppid == parent and spawned:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.timeout(240)
+def test_two_workers_killed_with_kill_9_under_load_every_202_is_stored_once(
+    make_engine, postgres_url, tmp_path
+) -> None:
+    engine = make_engine(postgres_url)
+    folder = tmp_path / "spool"
+    proxy = TcpProxy("127.0.0.1", urlsplit(postgres_url).port or 5432)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    stop = threading.Event()
+    sets: list[set[int]] = [set() for _ in range(3)]
+    try:
+        with serving(["--workers", "2", "--port", str(port), "--db", _via(proxy, postgres_url),
+                      "--spool", f"{folder}/", "--queue-size", "500"], wait_ready=False) as workers:
+            wait_until(lambda: any("(2 workers," in line for line in workers.log), 60, "two workers ready")
+            pushers = [threading.Thread(target=_pusher, args=(url, sets[i], stop, i * 10_000_000), name=f"push-{i}")
+                       for i in range(3)]
+            for pusher in pushers:
+                pusher.start()
+            wait_until(lambda: _acked(sets) >= 2_000, 60, "2,000 acknowledged")
+            proxy.cut()
+            before = _acked(sets)
+            wait_until(lambda: _acked(sets) >= before + 2_000, 60, "2,000 more acknowledged, spooled")
+            children = _worker_pids(workers.process.pid)
+            assert len(children) == 2, children
+            for pid in [workers.process.pid, *children]:
+                os.kill(pid, signal.SIGKILL)
+            workers.wait(30)
+            stop.set()
+            for pusher in pushers:
+                pusher.join(30)
+        acked = set().union(*sets)
+        assert len(_files(folder)) == 2 and sum(_messages_in(p) for p in _files(folder)) > 0
+        proxy.restore()
+        with serving(["--db", _via(proxy, postgres_url), "--spool", f"{folder}/"]) as after:
+            wait_until(lambda: acked <= _stored_seqs(engine)[0], 90, "every acknowledged message stored")
+            wait_until(lambda: len(_files(folder)) == 1, 30, "both workers' files adopted")
+            assert sum("(its process is gone)" in line for line in after.log) == 2, "".join(after.log)
+    finally:
+        stop.set()
+        proxy.close()
+    seqs, rows = _stored_seqs(engine)
+    assert acked <= seqs
+    assert rows == len(seqs), f"{rows - len(seqs)} message(s) stored twice"
