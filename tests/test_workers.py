@@ -83,11 +83,12 @@ def test_a_killed_worker_is_noticed_counted_and_replaced(tmp_path) -> None:
         assert proc.wait(60) == 0
 
 
-def test_workers_need_a_port_and_no_spool(tmp_path) -> None:
+def test_workers_need_a_port_and_a_spool_directory(tmp_path) -> None:
     base = [sys.executable, "-m", "ingest", "serve", "--workers", "2", "--db", f"sqlite:///{tmp_path / 'w.db'}"]
     for extra, says in (
         (["--port", "0"], "workers share one port: give --port (not 0) with --workers"),
-        (["--port", str(_free_port()), "--spool", str(tmp_path / "s.db")], "a spool has one writer"),
+        (["--port", str(_free_port()), "--spool", str(tmp_path / "s.db")],
+         f"a spool file has one writer: with --workers, give --spool a directory (e.g. {tmp_path / 's.db'}.d/)"),
     ):
         done = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, done.stderr

@@ -41,6 +41,7 @@ from ingest.metrics import Metrics
 from ingest.pace import Throughput
 from ingest.receipts import Ledger
 from ingest.shutdown import Shutdown
+from ingest.spool import directory as spool_directory
 from ingest.spool.stage import NoSpool, SpoolStage
 from ingest.spool.writer import SpoolWriter
 from ingest.supervisor import Supervisor
@@ -181,12 +182,14 @@ def _spool_and_intake(
         intake = BufferIntake(buffer, executor=enqueue, enqueue_timeout_s=settings.enqueue_timeout_s,
                               retry_after_s=throughput.retry_after_s)
         return NoSpool(), intake
+    folder = settings.spool_directory  # with a directory, this process's own file in it
+    path = spool_directory.own_file(folder) if folder is not None else Path(settings.spool)
     # The hand-off to the feeder holds what the feeder takes at once (SpoolStage's chunk): enough
     # to keep the buffer fed while the writer is ahead, no more memory than that when it is not.
-    writer = SpoolWriter(Path(settings.spool), sync=settings.spool_sync, max_bytes=settings.spool_max_bytes,
+    writer = SpoolWriter(path, sync=settings.spool_sync, max_bytes=settings.spool_max_bytes,
                          hand_off=2 * settings.batch_size)
     stage = SpoolStage(writer, buffer=buffer, batch_size=settings.batch_size, hard_stop=shutdown.hard_stop,
-                       ledger=ledger)
+                       ledger=ledger, directory=folder)
     return stage, SpoolIntake(writer, retry_after_s=throughput.retry_after_s)
 
 
@@ -263,8 +266,9 @@ def _wire_gauges(parts: Parts, worker: WorkerSlot | None) -> None:
     m.requests_in_flight.set_function(lambda: len(parts.ledger))
     m.worker_restarts.set(worker.restarts if worker is not None else 0)
     if isinstance(parts.spool, SpoolStage):
-        writer = parts.spool.writer
+        stage, writer = parts.spool, parts.spool.writer
         m.spool_messages.set_function(lambda: writer.messages)
         m.spool_bytes.set_function(lambda: writer.bytes)
         m.spool_capacity_bytes.set(writer.max_bytes)
+        m.spool_orphaned_messages.set_function(lambda: stage.orphaned)
         writer.count_commit = m.spool_commits.inc

@@ -42,7 +42,7 @@ class Settings:
     consumers: int = setting(4, "Consumer threads writing batches.")
     workers: int = setting(
         1, "Processes sharing the port (SO_REUSEPORT), each a whole pipeline with --consumers threads; "
-           "/metrics adds them up. More than 1 needs a fixed --port and no --spool.")
+           "/metrics adds them up. More than 1 needs a fixed --port, and a spool directory with --spool.")
     pin_workers: bool = setting(
         False, "With --workers: each worker process keeps to one CPU of those this process may use (round robin), "
                "so its listener and consumers hand the GIL over on one core.")
@@ -79,8 +79,10 @@ class Settings:
     metrics_token: str | None = setting(
         None, "A token /metrics asks for (Authorization: Bearer). /healthz and /readyz stay open.")
     spool: str | None = setting(
-        None, "A spool file (SQLite): reply 202 only once a request is on disk here, and absorb bursts larger "
-              "than the queue. Default: no spool, 202 means in memory.")
+        None, "A spool: reply 202 only once a request is on disk here, and absorb bursts larger than the queue. "
+              "A directory (one that exists, or a path ending in /): each process keeps its own file in it and "
+              "adopts the files of processes that are gone (not on a network filesystem). Otherwise one file "
+              "(SQLite) for one process. Default: no spool, 202 means in memory.")
     spool_sync: str = setting(
         "full", "full: a 202 survives a power cut (fsync each commit); normal: it survives the process dying.")
     spool_max_bytes: int = setting(1024**3, "Bound of the spool; when full, requests get 503.")
@@ -126,7 +128,7 @@ class Settings:
         if self.spool_sync not in SPOOL_SYNC_MODES:
             raise ConfigError(f"spool_sync must be one of {', '.join(SPOOL_SYNC_MODES)}, got {self.spool_sync!r}")
         if self.spool is not None and not self.spool.strip():
-            raise ConfigError("spool must be a file path, got an empty one")
+            raise ConfigError("spool must be a file or directory path, got an empty one")
         for name in ("rate_limit", "rate_burst"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and value != float("inf")):
@@ -143,10 +145,20 @@ class Settings:
             raise ConfigError("workers share one port: give --port (not 0) with --workers")
         if self.pin_workers and self.workers < 2:
             raise ConfigError("pin_workers pins worker processes to CPUs: give --workers 2 or more with it")
-        if self.workers > 1 and self.spool is not None:
-            raise ConfigError("a spool has one writer: use --workers 1 with --spool (or one replica a spool)")
+        if self.workers > 1 and self.spool is not None and self.spool_directory is None:
+            raise ConfigError(f"a spool file has one writer: with --workers, give --spool a directory "
+                              f"(e.g. {self.spool.rstrip('/')}.d/), where each worker keeps a file of its own")
         if self.id_field is not None and not self.id_field.strip():
             raise ConfigError("id_field must name a field of the messages, got an empty name")
+
+    @property
+    def spool_directory(self) -> Path | None:
+        """--spool as a directory: one that exists, or a path ending in `/` (made at start).
+        Anything else is one spool file, as before directories."""
+        if self.spool is None:
+            return None
+        path = Path(self.spool)
+        return path if self.spool.endswith("/") or path.is_dir() else None
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with the database password hidden, for display."""

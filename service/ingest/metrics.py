@@ -37,6 +37,9 @@ class Metrics:
         self.stored = Counter("ingest_messages_stored", "Messages committed to the database", registry=r)
         self.spool_messages = Gauge("ingest_spool_messages", "Messages in the spool, not yet stored", registry=r)
         self.spool_bytes = Gauge("ingest_spool_bytes", "Bytes of the messages in the spool", registry=r)
+        self.spool_orphaned_messages = Gauge(
+            "ingest_spool_orphaned_messages",
+            "Messages in spool files of the spool directory that no process owns, until adopted", registry=r)
         self.spool_capacity_bytes = Gauge(
             "ingest_spool_capacity_bytes", "The spool's bound in bytes (0: no spool)", registry=r
         )

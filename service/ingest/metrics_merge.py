@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 # Same value in every worker: summing would multiply it.
-SHARED = frozenset({"ingest_dead_letters_waiting", "ingest_worker_restarts"})
+SHARED = frozenset({"ingest_dead_letters_waiting", "ingest_worker_restarts", "ingest_spool_orphaned_messages"})
 
 
 def merge(texts: Iterable[str]) -> str:

@@ -230,6 +230,49 @@ def test_scaling_down_under_load_stalls_no_request_and_loses_nothing(stack: Stac
     assert int(stack.sql(count)) == len(pusher.acked)
 
 
+def _spool_status(stack: Stack) -> dict[str, str]:
+    """`ingest spool status` of the shared spool directory, run in a replica: its summary lines."""
+    out = stack.compose("exec", "-T", "ingest", "ingest", "spool", "status", "--spool", "/var/lib/ingest/spool/",
+                        timeout_s=60).stdout
+    return dict(line.split(None, 1) for line in out.splitlines() if not line.startswith("spool-"))
+
+
+def test_a_scale_down_with_postgres_paused_leaves_no_acknowledged_message_behind(stack: Stack) -> None:
+    """Issue 18: replicas scaled away past their drain deadline left their acknowledged messages
+    in volumes no container mounts again. On the shared spool volume the replica that stays adopts
+    their files, and stores every message once Postgres is back; nothing is scaled back up."""
+    stack.compose("up", "-d", "--no-deps", "--scale", "ingest=3", "--wait", "ingest", timeout_s=180)
+    run = uuid.uuid4().hex
+    acked: list[int] = []
+
+    def push(first: int, requests: int) -> None:
+        for n in range(first, first + requests):
+            seqs = range(n * 100, n * 100 + 100)
+            reply = request(f"{stack.proxy_url}/messages", "POST", _ndjson(seqs, run), _headers(stack))
+            assert reply.status == 202, reply.body
+            acked.extend(seqs)
+
+    push(0, 20)
+    stack.compose("pause", "postgres")  # writes stall: what is acknowledged now waits in the spools
+    try:
+        push(20, 100)
+        assert int(_spool_status(stack)["files"]) == 3
+        # The two removed replicas drain until their 30 s deadline, then exit leaving their spools.
+        stack.compose("up", "-d", "--no-deps", "--scale", "ingest=1", "ingest", timeout_s=180)
+        assert len(stack.containers("ingest")) == 1
+        (survivor,) = stack.containers("ingest")
+        wait_until(lambda: _spool_status(stack)["files"] == "1", 60, "the two orphaned spools adopted")
+        assert _spool_status(stack)["orphaned"] == "0"
+        adopted = [line for line in docker("logs", survivor).stderr.splitlines() if "(its process is gone)" in line]
+        assert len(adopted) == 2, adopted
+    finally:
+        stack.compose("unpause", "postgres")
+    count = f"SELECT count(DISTINCT (payload->>'seq')::bigint) FROM messages WHERE payload->>'run' = '{run}'"
+    wait_until(lambda: int(stack.sql(count)) == len(acked) == 12_000, 120, "all 12,000 acknowledged messages stored")
+    assert stack.sql(f"SELECT count(*) FROM messages WHERE payload->>'run' = '{run}'") == "12000"
+    assert len(stack.containers("ingest")) == 1, "never scaled back up"
+
+
 def test_with_no_replica_left_the_absence_alert_goes_off(stack: Stack) -> None:
     """Docker's DNS drops stopped replicas, so `up == 0` never shows them (issue 6, 3.3)."""
     stack.compose("stop", "ingest", timeout_s=120)
@@ -262,8 +305,8 @@ def test_a_stop_right_after_start_is_not_lost(stack: Stack) -> None:
 
 
 def test_a_killed_replica_keeps_what_it_acknowledged_in_its_spool(stack: Stack) -> None:
-    """SIGKILL while the database is away: the 202s were on the replica's spool volume, and the
-    same container, restarted, stores them (the compose stack runs with INGEST_SPOOL)."""
+    """SIGKILL while the database is away: the 202s were on the shared spool volume, and the
+    same container, restarted, adopts and stores them (any other replica would, too)."""
     (container,) = stack.containers("ingest")
     run = uuid.uuid4().hex
     stack.compose("pause", "postgres")  # writes stall; acknowledged messages wait in the spool
@@ -276,7 +319,9 @@ def test_a_killed_replica_keeps_what_it_acknowledged_in_its_spool(stack: Stack) 
     finally:
         stack.compose("unpause", "postgres")
     docker("start", container)
-    wait_until(lambda: "recovered" in docker("logs", container).stderr, 120, "the restarted replica to recover")
+    # Restarted, it is a new process with a spool file of its own: it adopts the one it left.
+    wait_until(lambda: "(its process is gone)" in docker("logs", container).stderr, 120,
+               "the restarted replica to adopt its old spool")
     count = f"SELECT count(DISTINCT (payload->>'seq')::int) FROM messages WHERE payload->>'run' = '{run}'"
     wait_until(lambda: stack.sql(count) == "1000", 120, "all 1,000 acknowledged messages stored")
     assert stack.sql(f"SELECT count(*) FROM messages WHERE payload->>'run' = '{run}'") == "1000"

@@ -595,6 +595,15 @@ def test_alert_rules_fire_when_they_should(tmp_path: Path) -> None:
              ('ingest_spool_capacity_bytes{instance="i2", job="ingest"}', "0x40")],
             [silent("IngestSpoolNearlyFull", "4m"), fires("IngestSpoolNearlyFull", "6m", page)],
         ),
+        (  # an orphaned spool file no replica adopts, counted by both replicas: one alert after 5 min
+            [("ingest_spool_orphaned_messages", "300x40"),
+             ('ingest_spool_orphaned_messages{instance="i2", job="ingest"}', "300x40")],
+            [silent("IngestSpoolOrphaned", "4m"), fires("IngestSpoolOrphaned", "6m", {"severity": "page"})],
+        ),
+        (  # adopted within seconds, as it should be: no alert
+            [("ingest_spool_orphaned_messages", "300 0x40")],
+            [silent("IngestSpoolOrphaned", "8m")],
+        ),
         (
             [("ingest_messages_dead_lettered_total", "0 0 0 5x10")],
             [fires("IngestDeadLetters", "2m", ticket)],

@@ -57,16 +57,20 @@ def config_show(**values: Any) -> None:
 
 @click.group("spool")
 def spool_group() -> None:
-    """Inspect a spool file."""
+    """Inspect a spool file or directory."""
 
 
 @spool_group.command("status")
 @click.option(SPECS["spool"].flag, "spool_path", envvar=SPECS["spool"].envvar, show_envvar=True, required=True,
-              type=click.Path(dir_okay=False, path_type=Path), help="The spool file of `ingest serve --spool`.")
+              type=click.Path(path_type=Path), help="The spool file or directory of `ingest serve --spool`.")
 def spool_status(spool_path: Path) -> None:
-    """Messages waiting in a spool and the age of the oldest, without starting the service."""
+    """Messages waiting in a spool and the age of the oldest, without starting the service; for a
+    directory, every file, whether a live process owns it, and its messages. Read-only."""
     from ingest.spool import file as spool
 
+    if spool_path.is_dir():
+        _directory_status(spool_path)
+        return
     try:
         conn = spool.open_spool(spool_path, create=False, writable=False)
     except SpoolError as exc:
@@ -75,3 +79,18 @@ def spool_status(spool_path: Path) -> None:
         click.echo(spool.status(conn).format(spool_path))
     finally:
         conn.close()
+
+
+def _directory_status(path: Path) -> None:
+    """One line a file, then the totals; exit 1 if a file cannot be read (it says why)."""
+    from ingest.spool import directory
+
+    entries = list(directory.entries(path))
+    for entry in entries:
+        click.echo(entry.format())
+    orphaned = sum(e.status.messages for e in entries if e.status is not None and not e.owned)
+    total = sum(e.status.messages for e in entries if e.status is not None)
+    click.echo(f"spool    {path}\nfiles    {len(entries)}\nmessages {total}\norphaned {orphaned}")
+    bad = [e for e in entries if e.status is None]
+    if bad:
+        fail(f"spool {path}: {len(bad)} file(s) cannot be read (see above)", EXIT_FAILURE)

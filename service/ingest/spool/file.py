@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import fcntl
 import itertools
+import os
 import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+from urllib.parse import quote
 
 from ingest.errors import SpoolError
 from ingest.vocabulary import SPOOL_SYNC_MODES
@@ -145,7 +147,7 @@ def open_spool(path: Path, sync: str = "full", *, create: bool = True, writable:
     if not fresh:
         _check_header(path)
     try:
-        target = f"file:{path}?mode=ro" if not writable else str(path)
+        target = _read_only(path) if not writable else str(path)
         conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, uri=not writable)
     except sqlite3.Error as exc:
         raise SpoolError(f"spool {path}: cannot open: {exc}") from None
@@ -165,6 +167,15 @@ def open_spool(path: Path, sync: str = "full", *, create: bool = True, writable:
         conn.close()
         raise
     return conn
+
+
+def _read_only(path: Path) -> str:
+    """The URI that reads a spool without writing: `mode=ro`. Where the directory cannot be written
+    (a read-only mount), SQLite cannot make the WAL index (-shm) it needs to read, and would call a
+    healthy file unopenable: `immutable=1` reads the main file alone (rows still only in a -wal a
+    killed process left are then not seen; the process that adopts or reopens the file sees them)."""
+    uri = f"file:{quote(str(path))}?mode=ro"
+    return uri if os.access(path.parent, os.W_OK) else uri + "&immutable=1"
 
 
 def _check_header(path: Path) -> None:

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from ingest.errors import ShuttingDown, SpoolFull, SpoolUnavailable
+from ingest.errors import ShuttingDown, SpoolError, SpoolFull, SpoolUnavailable
 from ingest.messages import Message, Receipt
 from ingest.spool import file as spool
+from ingest.spool.absorb import absorb
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class Fresh:
     bytes: int
 
 
+_Absorb = tuple[Path, spool.Status, "Future[None]"]
+
+
 class SpoolWriter(threading.Thread):
     """Non-daemon: requests it holds have not been answered yet, and deletions not written."""
 
@@ -77,6 +81,7 @@ class SpoolWriter(threading.Thread):
         self._wake = threading.Condition(self._lock)  # submits or deletions are waiting
         self._committed = threading.Condition(self._lock)  # committed_seq moved on
         self._submits: list[_Submit] = []
+        self._absorbs: list[_Absorb] = []  # orphan spools to append (adopter.py)
         self._done: list[tuple[int, int]] = []  # (seq, messages) stored in the database since the last commit
         self._rows: dict[int, list[int]] = {}  # seq -> [its messages not yet stored, its bytes], for fed rows
         self._finished: list[tuple[int, int]] = []  # (seq, bytes) of rows to delete, kept if a commit fails
@@ -94,7 +99,6 @@ class SpoolWriter(threading.Thread):
         self.bytes = 0
         self.commits = 0
         self.count_commit: Callable[[], None] = _nothing  # the metric, once wired
-        self._freed = 0  # bytes of rows deleted since the free pages were last looked at (writer thread)
 
     def __repr__(self) -> str:
         return f"SpoolWriter({self.path}, messages={self.messages}, bytes={self.bytes})"
@@ -128,6 +132,19 @@ class SpoolWriter(threading.Thread):
             future: Future[None] = Future()
             future.set_running_or_notify_cancel()  # only this thread settles it
             self._submits.append(_Submit(batch, need, future))
+            self._wake.notify()
+        return future
+
+    def absorb(self, path: Path, found: spool.Status) -> Future[None]:
+        """Append an orphan spool's rows (`found`: what it holds) to this one in one transaction;
+        the future settles once they are committed here. Never refused for want of room: these
+        messages were acknowledged by their dead owner (new requests get 503 until there is room)."""
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDown("service is shutting down")
+            future: Future[None] = Future()
+            future.set_running_or_notify_cancel()
+            self._absorbs.append((path, found, future))
             self._wake.notify()
         return future
 
@@ -182,7 +199,7 @@ class SpoolWriter(threading.Thread):
 
     def accepting(self) -> bool:
         with self._lock:
-            return self._accepting or bool(self._submits) or self._committing
+            return self._accepting or bool(self._submits) or bool(self._absorbs) or self._committing
 
     # -- stopping ----------------------------------------------------------------------------
 
@@ -199,6 +216,11 @@ class SpoolWriter(threading.Thread):
             self._accepting = False
             self._closing = True
             self._wake.notify()
+
+    @property
+    def claimed(self) -> bool:
+        """Whether this process holds the file's lock (between open and release)."""
+        return self._claim is not None
 
     def release(self) -> None:
         """Let another process have the spool (after the thread has ended, or if it never ran)."""
@@ -218,16 +240,21 @@ class SpoolWriter(threading.Thread):
         try:
             while True:
                 with self._lock:
-                    while not self._submits and not self._done and not self._finished and not self._closing:
+                    while (not self._submits and not self._done and not self._finished and not self._absorbs
+                           and not self._closing):
                         self._wake.wait()
-                    if not self._submits and not self._done and not self._finished:
+                    if not self._submits and not self._done and not self._finished and not self._absorbs:
                         return
                     submits, self._submits = self._submits, []
                     self._count_done()
                     finished, self._finished = self._finished, []
                     forgotten, self._forgotten = self._forgotten, 0
+                    absorbs, self._absorbs = self._absorbs, []
                     self._committing = bool(submits)
-                self._commit(submits, finished, forgotten)
+                if submits or finished or forgotten:
+                    self._commit(submits, finished, forgotten)
+                for path, found, future in absorbs:
+                    self._absorb(path, found, future)
         finally:
             self._fail_waiting()
             if self._conn is not None:
@@ -288,12 +315,10 @@ class SpoolWriter(threading.Thread):
             if rows:
                 self.committed_seq = rows[-1][0]
             self.messages -= forgotten
-            freed = sum(size for _, size in finished)
-            self.bytes -= freed
+            self.bytes -= sum(size for _, size in finished)
             self._committing = False
             self._committed.notify_all()
-        self._freed += freed
-        empty = self._freed > SHRINK_BYTES and not self.messages
+            empty = finished and not self.messages
         self.count_commit()
         for submit in submits:
             submit.future.set_result(None)
@@ -303,15 +328,29 @@ class SpoolWriter(threading.Thread):
     def _shrink(self) -> None:
         """An empty spool: give its free pages back, once they are many (a burst has passed)."""
         assert self._conn is not None
-        self._freed = 0
         try:
             free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
             page = self._conn.execute("PRAGMA page_size").fetchone()[0]
             if free * page > SHRINK_BYTES:
-                self._conn.executescript("PRAGMA incremental_vacuum;")  # steps it to the end: execute() frees one page
+                self._conn.execute("PRAGMA incremental_vacuum")
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             log.warning("spool %s: could not give free pages back: %s", self.path, exc)
+
+    def _absorb(self, path: Path, found: spool.Status, future: Future[None]) -> None:
+        assert self._conn is not None
+        try:
+            last = absorb(self._conn, path, self._next_seq)
+        except (sqlite3.Error, SpoolError) as exc:
+            future.set_exception(exc)
+            return
+        with self._lock:
+            self._next_seq = last + 1
+            self.committed_seq = last
+            self.messages += found.messages
+            self.bytes += found.bytes
+            self._committed.notify_all()
+        future.set_result(None)
 
     def _rolled_back(
         self, submits: list[_Submit], finished: list[tuple[int, int]], forgotten: int, exc: sqlite3.Error
@@ -334,8 +373,11 @@ class SpoolWriter(threading.Thread):
     def _fail_waiting(self) -> None:
         with self._lock:
             submits, self._submits = self._submits, []
+            absorbs, self._absorbs = self._absorbs, []
         for submit in submits:
             submit.future.set_exception(ShuttingDown("service is shutting down", messages=len(submit.batch)))
+        for _path, _found, pending in absorbs:
+            pending.set_exception(ShuttingDown("service is shutting down"))
 
 
 def _request_bytes(batch: list[Message]) -> int:

@@ -1,0 +1,151 @@
+"""The spool adopter thread: stores what processes that are gone left in a spool directory.
+
+With `--spool DIR` (directory.py), at start and then every ADOPT_INTERVAL_S, this thread lists
+the directory's spool files other than its own and tries each one's lock without waiting. A
+free lock means the file's process is gone (exited, killed, scaled away): the file is an orphan.
+Holding its lock, the thread opens it (file.open_spool: checked, upgraded to the current format),
+and hands it to this process's spool writer, which appends its rows to its own file in one
+transaction (absorb.py); then the orphan's files are deleted, still under its lock, and the lock
+is let go. The feeder stores the adopted messages after the backlog already here.
+
+A crash between the writer's commit and the delete leaves the orphan in place with its rows
+also in the adopter's file: whoever adopts both later stores each message once (identities, the
+database's unique index; receipts count only rows actually inserted).
+
+`orphaned` (ingest_spool_orphaned_messages): messages in orphans the latest scan found, less
+those adopted since; a file that cannot be adopted (damaged, or of a newer format) keeps
+counting, and is logged once; one that cannot even be counted counts as 1 (its messages are
+unknown, and the alert must still see it).
+
+Error policy: a file that cannot be adopted, or a failed listing, is logged and tried again at
+the next scan; any other exception ends the thread, which the service notices.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import IO
+
+from ingest.errors import ShuttingDown, SpoolError, SpoolUnavailable
+from ingest.spool import directory
+from ingest.spool import file as spool
+from ingest.spool.writer import SpoolWriter
+
+log = logging.getLogger(__name__)
+
+ADOPT_INTERVAL_S = 5.0
+WAIT_S = 0.5
+UNCOUNTED = 1  # what an orphan that cannot be read counts for: something is there
+
+
+class SpoolAdopter(threading.Thread):
+    """Non-daemon: it may hold an orphan's lock with its rows half handed over; stop() and join."""
+
+    def __init__(self, writer: SpoolWriter, directory_path: Path, *, interval_s: float = ADOPT_INTERVAL_S) -> None:
+        super().__init__(name="spool-adopter", daemon=False)
+        self._writer = writer
+        self._directory = directory_path
+        self._interval_s = interval_s
+        self._halt = threading.Event()
+        self._reported: set[Path] = set()  # files that could not be adopted, said once
+        self.orphaned = 0
+        self.adopted = 0  # messages, since start
+
+    def __repr__(self) -> str:
+        return f"SpoolAdopter({self._directory}, orphaned={self.orphaned}, adopted={self.adopted})"
+
+    def stop(self) -> None:
+        """Adopt nothing more (a stopping process would only leave it behind again)."""
+        self._halt.set()
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.scan()
+            except OSError as exc:
+                log.error("spool %s: cannot look for orphaned spools: %s", self._directory, exc)
+            if self._halt.wait(self._interval_s):
+                return
+
+    def scan(self) -> None:
+        """One round: find the orphans, count them, adopt them one by one."""
+        orphans = self._claim_orphans()
+        try:
+            found = {path: self._count(path) for path, _lock in orphans}
+            self.orphaned = sum(UNCOUNTED if n is None else n for n in found.values())
+            for path, _lock in orphans:
+                if found[path] is None or self._halt.is_set():
+                    continue
+                if self._adopt(path):
+                    self.orphaned -= found[path] or 0
+                    directory.remove(path)  # under its lock (let go below), the lock file last
+        finally:
+            for _path, lock in orphans:
+                lock.close()
+
+    def _claim_orphans(self) -> list[tuple[Path, IO[bytes]]]:
+        orphans = []
+        for path in directory.spool_files(self._directory):
+            if path == self._writer.path:
+                continue
+            lock = directory.try_claim(path)
+            if lock is None:
+                continue  # its owner lives, or another process is adopting it
+            if directory.gone(path):
+                directory.remove(path)  # adopted by another since we listed it: our new lock file goes
+                lock.close()
+                continue
+            orphans.append((path, lock))
+        return orphans
+
+    def _count(self, path: Path) -> int | None:
+        """Its messages, read-only; None when it cannot be adopted (said once a file)."""
+        try:
+            conn = spool.open_spool(path, create=False, writable=False)
+            try:
+                return spool.status(conn).messages
+            finally:
+                conn.close()
+        except (SpoolError, sqlite3.Error) as exc:
+            if path not in self._reported:
+                self._reported.add(path)
+                log.error("%s; it cannot be adopted: move it aside, or drain it with the ingest that wrote it", exc)
+            return None
+
+    def _adopt(self, path: Path) -> bool:
+        """Hand the orphan to the writer and wait for its commit; False if it stays where it is."""
+        try:
+            conn = spool.open_spool(path, self._writer.sync, create=False)  # checked, upgraded
+            try:
+                found = spool.status(conn)
+            finally:
+                conn.close()
+            if found.messages:
+                self._wait(self._writer.absorb(path, found))
+        except ShuttingDown:
+            return False
+        except (SpoolError, SpoolUnavailable, sqlite3.Error) as exc:
+            # Said once a file at error level: the next scans try again, and may fail alike.
+            level = logging.DEBUG if path in self._reported else logging.ERROR
+            self._reported.add(path)
+            log.log(level, "spool %s: adoption failed, trying again every %.0f s: %s", path, self._interval_s, exc)
+            return False
+        self.adopted += found.messages
+        if found.messages:
+            log.info("spool %s: adopted %d acknowledged message(s) from %s (its process is gone); "
+                     "they are stored after the %d waiting here before them",
+                     self._writer.path, found.messages, path.name, self._writer.messages - found.messages)
+        return True
+
+    def _wait(self, absorbed: Future[None]) -> None:
+        """Its commit, or the writer's end: a writer that died never settles what it was handed."""
+        while True:
+            try:
+                return absorbed.result(WAIT_S)
+            except TimeoutError:
+                if not self._writer.is_alive():
+                    raise SpoolUnavailable("the spool writer has stopped") from None
