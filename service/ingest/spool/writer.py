@@ -99,6 +99,7 @@ class SpoolWriter(threading.Thread):
         self.bytes = 0
         self.commits = 0
         self.count_commit: Callable[[], None] = _nothing  # the metric, once wired
+        self._freed = 0  # bytes of rows deleted since the free pages were last looked at (writer thread)
 
     def __repr__(self) -> str:
         return f"SpoolWriter({self.path}, messages={self.messages}, bytes={self.bytes})"
@@ -315,10 +316,12 @@ class SpoolWriter(threading.Thread):
             if rows:
                 self.committed_seq = rows[-1][0]
             self.messages -= forgotten
-            self.bytes -= sum(size for _, size in finished)
+            freed = sum(size for _, size in finished)
+            self.bytes -= freed
             self._committing = False
             self._committed.notify_all()
-            empty = finished and not self.messages
+        self._freed += freed
+        empty = self._freed > SHRINK_BYTES and not self.messages
         self.count_commit()
         for submit in submits:
             submit.future.set_result(None)
@@ -328,11 +331,12 @@ class SpoolWriter(threading.Thread):
     def _shrink(self) -> None:
         """An empty spool: give its free pages back, once they are many (a burst has passed)."""
         assert self._conn is not None
+        self._freed = 0
         try:
             free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
             page = self._conn.execute("PRAGMA page_size").fetchone()[0]
             if free * page > SHRINK_BYTES:
-                self._conn.execute("PRAGMA incremental_vacuum")
+                self._conn.executescript("PRAGMA incremental_vacuum;")  # steps it to the end: execute() frees one page
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             log.warning("spool %s: could not give free pages back: %s", self.path, exc)
