@@ -629,6 +629,12 @@ def test_alert_rules_fire_when_they_should(tmp_path: Path) -> None:
             [silent("IngestReplicasLost", "1m"), fires("IngestReplicasLost", "4m", {"severity": "ticket"}),
              silent("IngestNoReplicas", "4m")],
         ),
+        (  # a third replica that lived 45 s, between two minute marks, then crashed (a subquery
+            # that sampled once a minute never saw three)
+            [('up{instance="i1", job="ingest"}', "1x20"), ('up{instance="i2", job="ingest"}', "1x20"),
+             ('up{instance="i3", job="ingest"}', "_ 1 1 1 stale")],
+            [silent("IngestReplicasLost", "30s"), fires("IngestReplicasLost", "3m", {"severity": "ticket"})],
+        ),
     ]
     tests = []
     for series, alerts in cases:
