@@ -18,6 +18,7 @@ Standard library only: it runs with the system's python3, before any virtualenv 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -248,7 +249,7 @@ def ensure_images(values: Mapping[str, str]) -> list[str]:
     if missing and _image_labels(prefix + BASE_IMAGE) is None and not all(_pulled(prefix + t) for t in missing):
         said.append(_timed(lambda: _build_base(prefix + BASE_IMAGE)))
     with ThreadPoolExecutor(max_workers=len(STANDIN_TAGS), thread_name_prefix="standin") as pool:
-        futures = [pool.submit(_timed, lambda name=name: _build_standin(name, prefix)) for name in STANDIN_TAGS]
+        futures = [pool.submit(_timed, functools.partial(_build_standin, name, prefix)) for name in STANDIN_TAGS]
         said.extend(future.result() for future in futures)
     if "grafana" in profiles(values) or "*" in profiles(values):
         grafana = prefix + GRAFANA_IMAGE
