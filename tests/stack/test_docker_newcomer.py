@@ -97,6 +97,8 @@ def test_the_readme_stack_commands_run_in_order_from_an_engine_without_the_image
         assert set(_images(namespace)) >= {f"{namespace}ingest:local", f"{namespace}postgres:16-alpine"}
         run(up)
         assert answers(f"http://127.0.0.1:{proxy}/healthz")
+        again = run(prepared)  # a second run, the stack up: its own ports are no obstacle
+        assert "stand-in present and current" in again and "built" not in again.replace("built from the", ""), again
         # The README's alerts page on the stand-in Prometheus, which has no /alerts.
         assert request(f"http://127.0.0.1:{prometheus}/classic/alerts").status == 200
         run(load)

@@ -363,6 +363,7 @@ def test_down_v_leaves_nothing_running(stack: Stack) -> None:
     if left["volumes"] and ANONYMOUS_SPOOL in compose()["services"]["ingest"]["volumes"]:
         # Compose removes a scaled-down replica's container, not its anonymous volume; `down -v`
         # no longer sees those. The shared named spool volume (branch spool-dir) ends this.
+        docker("volume", "rm", *left["volumes"], check=False)  # not left to pile up, run after run
         pytest.xfail(f"{len(left['volumes'])} anonymous spool volumes of removed replicas are left")
     assert left["volumes"] == []
 
@@ -381,7 +382,8 @@ def test_postgres_is_not_healthy_while_its_first_start_listens_on_the_socket_onl
     initdb.mkdir()
     (initdb / "hold.sh").write_text("while [ ! -e /tmp/release ]; do sleep 0.1; done\n")
     env = [f"--env={k}={v}" for k, v in postgres["environment"].items()]
-    with running_container(*env, "-v", f"{initdb}:/docker-entrypoint-initdb.d:ro", postgres["image"]) as box:
+    image = postgres["image"].replace("${STACK_IMAGE_PREFIX-}", stack.env.get("STACK_IMAGE_PREFIX", ""))
+    with running_container(*env, "-v", f"{initdb}:/docker-entrypoint-initdb.d:ro", image) as box:
         wait_until(lambda: "hold.sh" in docker("logs", box).stdout + docker("logs", box).stderr, 120,
                    "the init scripts to run")
         socket_only = docker("exec", box, "pg_isready", "-U", "ingest", "-d", "ingest", check=False)
