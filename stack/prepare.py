@@ -216,7 +216,7 @@ def _context_digest(folder: Path, extra: list[Path]) -> str:
 
 
 def _build_standin(name: str, prefix: str) -> str:
-    """One stand-in, unless a real image of that name is here, or it can be pulled, or it is current."""
+    """One stand-in (no registry served it), unless a real image of that name is here or it is current."""
     tag = prefix + STANDIN_TAGS[name]
     folder = STANDINS / name
     extra = [HOST_CA_BUNDLE] if name == "python" else []
@@ -226,8 +226,6 @@ def _build_standin(name: str, prefix: str) -> str:
         return f"{tag}: present (a real image)"
     if labels is not None and labels.get(LABEL) == digest:
         return f"{tag}: stand-in present and current"
-    if labels is None and _pulled(tag):
-        return f"{tag}: pulled"
     with tempfile.TemporaryDirectory(prefix=f"ingest-standin-{name}-") as tmp:
         context = Path(tmp)
         shutil.copytree(folder, context, dirs_exist_ok=True)
@@ -244,12 +242,14 @@ def _build_standin(name: str, prefix: str) -> str:
 def ensure_images(values: Mapping[str, str]) -> list[str]:
     """Every image the stack runs, except its own (step 4) and Grafana's, which has no stand-in."""
     prefix = values.get("STACK_IMAGE_PREFIX", "")
-    said = []
-    missing = [tag for tag in STANDIN_TAGS.values() if _image_labels(prefix + tag) is None]
-    if missing and _image_labels(prefix + BASE_IMAGE) is None and not all(_pulled(prefix + t) for t in missing):
+    missing = [name for name, tag in STANDIN_TAGS.items() if _image_labels(prefix + tag) is None]
+    pulled = [name for name in missing if _pulled(prefix + STANDIN_TAGS[name])]
+    said = [f"{prefix}{STANDIN_TAGS[name]}: pulled" for name in pulled]
+    if len(pulled) < len(missing) and _image_labels(prefix + BASE_IMAGE) is None:
         said.append(_timed(lambda: _build_base(prefix + BASE_IMAGE)))
+    others = [name for name in STANDIN_TAGS if name not in pulled]
     with ThreadPoolExecutor(max_workers=len(STANDIN_TAGS), thread_name_prefix="standin") as pool:
-        futures = [pool.submit(_timed, functools.partial(_build_standin, name, prefix)) for name in STANDIN_TAGS]
+        futures = [pool.submit(_timed, functools.partial(_build_standin, name, prefix)) for name in others]
         said.extend(future.result() for future in futures)
     if "grafana" in profiles(values) or "*" in profiles(values):
         grafana = prefix + GRAFANA_IMAGE
