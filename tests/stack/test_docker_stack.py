@@ -170,7 +170,7 @@ def test_three_replicas_share_the_traffic_and_each_is_scraped(stack: Stack) -> N
     stack.env["INGEST_REPLICAS"] = "3"
     stack.compose("up", "-d", "--no-deps", "ingest")
     wait_until(lambda: _healthy(stack, "ingest", 3), 120, "three healthy ingest replicas")
-    stack.compose("up", "-d", "--wait", timeout_s=180)  # `up` again keeps the three (issue 19)
+    stack.compose("up", "-d", "--no-deps", "ingest")  # `up` again keeps the three (issue 19)
     assert len(stack.containers("ingest")) == 3
     run = uuid.uuid4().hex
     for i in range(60):
@@ -232,8 +232,8 @@ def test_scaling_down_under_load_stalls_no_request_and_loses_nothing(stack: Stac
         thread.start()
     try:
         wait_until(lambda: len(pusher.acked) >= 2_000, 60, "load through the proxy")
-        stack.env["INGEST_REPLICAS"] = "1"
-        stack.compose("up", "-d", "--no-deps", "ingest", timeout_s=120)
+        stack.compose("up", "-d", "--no-deps", "--scale", "ingest=1", "ingest", timeout_s=120)
+        stack.env["INGEST_REPLICAS"] = "1"  # so that later `up`s keep the one
         after = len(pusher.durations)
         wait_until(lambda: len(pusher.durations) >= after + 200, 60, "200 more requests after the scale-down")
     finally:
