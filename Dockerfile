@@ -1,7 +1,10 @@
 # The ingest service image: `docker compose up` builds it (see README.md, "Run the whole stack").
 # Two stages so that the runtime image carries the installed package and nothing used to build it.
 
-FROM python:3.11-slim AS build
+# IMAGE_PREFIX: where the base image is found under another name (docker-compose.yml passes
+# STACK_IMAGE_PREFIX; empty, the default, is Docker Hub's python:3.11-slim or its stand-in).
+ARG IMAGE_PREFIX=
+FROM ${IMAGE_PREFIX}python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -12,7 +15,7 @@ COPY service/ service/
 COPY migrations/ migrations/
 RUN /opt/venv/bin/pip install .
 
-FROM python:3.11-slim
+FROM ${IMAGE_PREFIX}python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

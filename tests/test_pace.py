@@ -1,4 +1,4 @@
-"""Retry-After that means something: from the backlog and the recent store rate, 1-60 s."""
+"""Retry-After that means something: room for the refused clients at the recent store rate, 1-60 s."""
 
 from __future__ import annotations
 
@@ -11,16 +11,50 @@ from support.httpclient import request
 from support.waiting import wait_until
 
 
-def test_the_wait_is_the_backlog_at_the_recent_rate_and_grows_when_nothing_is_stored() -> None:
+def _pace(clock: Clock, jitter: float = 0.5) -> Throughput:
+    """jitter 0.5 is the middle of the spread: the computed wait itself."""
+    return Throughput(window_s=10, clock=clock, jitter=lambda: jitter)
+
+
+def test_the_wait_is_the_clients_messages_and_those_refused_in_the_last_second_at_the_store_rate() -> None:
     clock = Clock()
-    pace = Throughput(window_s=10, clock=clock)
+    pace = _pace(clock)
+    pace.record(100_000)  # 10,000 msg/s over the window
+    waits = [pace.retry_after_s(1_000) for _ in range(64)]  # 64 clients refused within a second
+    assert waits[0] == 1  # room for one request of 1,000 in 0.1 s: never under 1 s
+    assert waits[19] == 2.0  # its 1,000 and the 19,000 refused before it
+    assert waits[63] == 6.4  # its 1,000 and the 63,000 refused before it
+    clock.now += 1.5  # those refusals are more than a second old: not ahead of the next client
+    assert pace.retry_after_s(20_000) == 2.0
+
+
+def test_the_wait_does_not_grow_with_the_backlog() -> None:
+    """The old wait was the whole backlog at the store rate: 27 s for a burst's clients, who came
+    back to an idle service. A client's wait now depends only on the demand at the door."""
+    clock = Clock()
+    pace = _pace(clock)
+    pace.record(200_000)  # 20,000 msg/s, while half a million wait in the spool
+    assert pace.retry_after_s(1_000) == 1
+
+
+def test_the_wait_is_spread_by_jitter_around_the_computed_one() -> None:
+    clock = Clock()
+    for jitter, expected in ((0.0, 2.5), (0.5, 5.0), (0.999, 7.49)):
+        pace = _pace(clock, jitter)
+        pace.record(10_000)  # 1,000 msg/s
+        assert abs(pace.retry_after_s(5_000) - expected) < 0.01, jitter
+    pace = Throughput(window_s=10, clock=clock)  # the real jitter: refusals together, waits apart
+    pace.record(10_000)
+    waits = [pace.retry_after_s(5_000) for _ in range(20)]
+    clock.now += 2
+    assert len({round(w, 3) for w in waits}) > 10, waits
+
+
+def test_the_wait_is_bounded_1_to_60_s_and_longest_when_nothing_is_stored() -> None:
+    clock = Clock()
+    pace = _pace(clock)
     assert pace.retry_after_s(10_000) == 1  # nothing known yet: the shortest wait
-    pace.record(5_000)
-    assert pace.retry_after_s(10_000) == 20  # 500 msg/s over the window
-    assert pace.retry_after_s(100) == 1  # never under 1 s
-    clock.now += 5
-    pace.record(95_000)
-    assert pace.retry_after_s(10_000) == 1  # a fast database: a short wait
+    pace.record(1_000)  # 100 msg/s
     assert pace.retry_after_s(10_000_000) == 60  # never over 60 s
     clock.now += 11
     assert pace.rate() == 0

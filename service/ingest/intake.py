@@ -5,8 +5,8 @@ refusal costs the client:
 - `BufferIntake`: into the bounded memory buffer; at once when there is room, otherwise waiting
   on a small executor (never on the event loop) until `enqueue_timeout_s`; 202 means in memory.
 - `SpoolIntake` (spool_writer.py's group commit): 202 once the request is on disk.
-A refusal for want of room (QueueFull, SpoolFull) carries its Retry-After: the backlog ahead of
-the client at the recent store rate (pace.py). A new way in (a replicated stream) is one more
+A refusal for want of room (QueueFull, SpoolFull) carries its Retry-After: when there is likely
+room for the refused messages (pace.py). A new way in (a replicated stream) is one more
 class here, and the handlers do not change.
 """
 
@@ -33,10 +33,6 @@ class Intake(Protocol):
         """In, all or none, or a Backpressure error (with its Retry-After) saying why not."""
         ...
 
-    def backlog(self) -> int:
-        """Messages accepted and not yet stored, ahead of a new request."""
-        ...
-
 
 class BufferIntake:
     assigns_identities = False
@@ -56,11 +52,8 @@ class BufferIntake:
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._buffer.put_all, batch, deadline)
         except QueueFull as exc:
-            exc.retry_after_s = self._retry_after_s(self.backlog())
+            exc.retry_after_s = self._retry_after_s(len(batch))
             raise
-
-    def backlog(self) -> int:
-        return self._buffer.depth()
 
 
 class SpoolIntake:
@@ -74,8 +67,5 @@ class SpoolIntake:
         try:
             await asyncio.wrap_future(self._writer.submit(batch))
         except SpoolFull as exc:
-            exc.retry_after_s = self._retry_after_s(self.backlog())
+            exc.retry_after_s = self._retry_after_s(len(batch))
             raise
-
-    def backlog(self) -> int:
-        return self._writer.messages

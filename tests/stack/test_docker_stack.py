@@ -1,6 +1,6 @@
 """The real docker-compose.yml under a real Docker engine (issue 6).
 
-Images that cannot be pulled here are local stand-ins (tests/standins/README.md); the ingest image
+Images that cannot be pulled here are local stand-ins (stack/standins/README.md); the ingest image
 is built from the project's Dockerfile by `docker compose`. One compose project serves the module;
 the tests run in file order, each leaving the stack as the next expects it, and the last one takes
 it down. Host ports are free loopback ports, set through the compose file's STACK_*_PORT variables.
@@ -20,38 +20,32 @@ from typing import Any
 
 import pytest
 
-from support.docker_support import Stack, docker, engine, ensure_images, running_container
+from support.docker_support import Stack, docker, engine, engine_contents, prepare, running_container
 from support.httpclient import request
 from support.stack_support import DOCKERFILE, compose, free_port, prometheus_api
 from support.waiting import wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 
-CORE_SERVICES = ("postgres", "migrate", "ingest", "proxy", "prometheus")  # Grafana cannot be had here
 QUEUE_SIZE = 10_000
 SLOW_REQUEST_S = 5.0
 BURST = 2_000_000  # messages in the load profile's burst round
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    """A Docker engine (started only if none answers, and then stopped) and the stand-in images."""
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A Docker engine (started only if none answers, and then stopped), the images as the user's
+    stack/prepare.py makes them, and a compose project on free host ports."""
     handle = engine(tmp_path_factory.mktemp("docker"))
-    try:
-        yield ensure_images()
-    finally:
-        handle.stop()
-
-
-@pytest.fixture(scope="module")
-def stack(images: list[str]) -> Iterator[Stack]:
     ports = {"proxy": free_port(), "prometheus": free_port(), "grafana": free_port()}
-    project = f"ingest-test-{uuid.uuid4().hex[:8]}"
-    stack = Stack(project, ports)
+    stack = Stack(f"ingest-test-{uuid.uuid4().hex[:8]}", ports)
     try:
+        stack.before = engine_contents()
+        prepare(stack.env)
         yield stack
     finally:
-        stack.compose("--profile", "load", "down", "-v", "--remove-orphans", "-t", "10", check=False)
+        stack.compose("--profile", "*", "down", "-v", "--remove-orphans", "-t", "10", check=False)
+        handle.stop()
 
 
 def _healthy(stack: Stack, service: str, count: int = 1) -> bool:
@@ -107,6 +101,25 @@ def _ndjson(seqs: range, run: str) -> bytes:
     return b"".join(json.dumps({"run": run, "seq": s}).encode() + b"\n" for s in seqs)
 
 
+def _assert_storing_while_refusing(stack: Stack, since: float) -> None:
+    """From the first 503 to the last, the store rate never falls to 0: clients told to wait are
+    told to come back when there is room, so the service is never idle while they sleep (a wait
+    for the whole backlog left it idle, queue and spool empty, p99 4.4 s: issue 19)."""
+    def series(expr: str) -> dict[float, float]:
+        data = prometheus_api(stack.prometheus_url, "query_range", query=expr, start=f"{since:.0f}",
+                              end=f"{time.time():.0f}", step="5")["result"]
+        return {float(t): float(v) for t, v in data[0]["values"]} if data else {}
+
+    refusing = series('sum(increase(ingest_http_requests_total{code="503"}[10s]))')
+    stored = series("sum(rate(ingest_messages_stored_total[10s]))")
+    times = [t for t, v in refusing.items() if v > 0]
+    assert times, refusing
+    span = [t for t in sorted(stored) if times[0] <= t <= times[-1]]
+    idle = [t - since for t in span if stored[t] == 0]
+    assert span and not idle, f"nothing stored at {idle} s while 503s went out ({times[0] - since:.0f}-"\
+                               f"{times[-1] - since:.0f} s)"
+
+
 # ---------------------------------------------------------------- image and start-up
 
 
@@ -125,7 +138,7 @@ def test_the_image_builds_with_buildkit_and_runs_as_10001(stack: Stack) -> None:
 
 def test_up_starts_postgres_then_migrate_then_ingest_then_proxy(stack: Stack) -> None:
     since = time.time() - 1
-    up = stack.compose("up", "-d", "--wait", *CORE_SERVICES, timeout_s=300, check=False)
+    up = stack.compose("up", "-d", "--wait", timeout_s=300, check=False)  # no service named: Grafana is a profile
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
     events = _events(stack, since)
     postgres_healthy = _first(events, "postgres", "health_status: healthy")
@@ -153,8 +166,11 @@ def test_messages_pushed_through_the_proxy_land_in_postgres(stack: Stack) -> Non
 
 
 def test_three_replicas_share_the_traffic_and_each_is_scraped(stack: Stack) -> None:
-    stack.compose("up", "-d", "--no-deps", "--scale", "ingest=3", "ingest")
+    stack.env["INGEST_REPLICAS"] = "3"
+    stack.compose("up", "-d", "--no-deps", "ingest")
     wait_until(lambda: _healthy(stack, "ingest", 3), 120, "three healthy ingest replicas")
+    stack.compose("up", "-d", "--no-deps", "ingest")  # `up` again keeps the three (issue 19)
+    assert len(stack.containers("ingest")) == 3
     run = uuid.uuid4().hex
     for i in range(60):
         reply = request(f"{stack.proxy_url}/messages", "POST", _ndjson(range(i * 10, i * 10 + 10), run),
@@ -216,6 +232,7 @@ def test_scaling_down_under_load_stalls_no_request_and_loses_nothing(stack: Stac
     try:
         wait_until(lambda: len(pusher.acked) >= 2_000, 60, "load through the proxy")
         stack.compose("up", "-d", "--no-deps", "--scale", "ingest=1", "ingest", timeout_s=120)
+        stack.env["INGEST_REPLICAS"] = "1"  # so that later `up`s keep the one
         after = len(pusher.durations)
         wait_until(lambda: len(pusher.durations) >= after + 200, 60, "200 more requests after the scale-down")
     finally:
@@ -342,6 +359,7 @@ def test_the_load_generator_stops_at_once(stack: Stack) -> None:
     state = stack.inspect(container)["State"]
     assert took < 5, f"stopping the load generator took {took:.1f} s"
     assert state["ExitCode"] != 137, state
+    assert "Health" not in state, state  # no health check: never `(unhealthy)` (issue 19)
 
 
 def test_the_load_profile_fills_the_queue_gets_503_and_loses_nothing(stack: Stack) -> None:
@@ -368,24 +386,33 @@ def test_the_load_profile_fills_the_queue_gets_503_and_loses_nothing(stack: Stac
     assert full >= 3, f"the queue was seen at >= 90 % in {full} scrapes: {samples}"
     refused = _scalar(stack, f'sum(increase(ingest_http_requests_total{{code="503"}}{window}))')
     assert refused is not None and refused > 0
+    _assert_storing_while_refusing(stack, since)
     wait_until(lambda: (_scalar(stack, "max(ingest_queue_depth)") or 0) < 0.1 * QUEUE_SIZE, 60,
                "the queue to drain after the burst")
     stack.compose("--profile", "load", "stop", "load", timeout_s=60)
+    assert "stopped       by SIGTERM" in docker("logs", container).stdout  # the running push's summary
     distinct = "SELECT count(DISTINCT (payload->>'seq')::bigint) FROM messages"
     wait_until(lambda: int(stack.sql(distinct)) >= BURST, 60, "the whole burst stored")
     assert int(stack.sql(distinct)) == BURST
 
 
 def test_down_v_leaves_nothing_running(stack: Stack) -> None:
-    stack.compose("--profile", "load", "down", "-v", "-t", "30", timeout_s=180)
+    """Every container and volume on the engine, not only the project's: anonymous volumes carry
+    no project label, and `down -v` without the load profile left its container and the tokens
+    volume (issue 19), and replicas removed by a scale-down left their anonymous spool volumes
+(now one named volume shared by all). `--profile '*'` takes down the services of every profile."""
+    stack.compose("--profile", "*", "down", "-v", "-t", "30", timeout_s=180)
     assert stack.leftovers() == {"containers": [], "volumes": [], "networks": []}
+    left = engine_contents().left_since(stack.before, stack.project)
+    assert left["containers"] == []
+    assert left["volumes"] == []
 
 
 # ---------------------------------------------------------------- postgres health
 
 
 def test_postgres_is_not_healthy_while_its_first_start_listens_on_the_socket_only(
-    images: list[str], tmp_path: Path,
+    stack: Stack, tmp_path: Path,
 ) -> None:
     """`pg_isready` without -h said healthy during init and released `migrate` early (3.6)."""
     postgres = compose()["services"]["postgres"]
@@ -395,7 +422,8 @@ def test_postgres_is_not_healthy_while_its_first_start_listens_on_the_socket_onl
     initdb.mkdir()
     (initdb / "hold.sh").write_text("while [ ! -e /tmp/release ]; do sleep 0.1; done\n")
     env = [f"--env={k}={v}" for k, v in postgres["environment"].items()]
-    with running_container(*env, "-v", f"{initdb}:/docker-entrypoint-initdb.d:ro", postgres["image"]) as box:
+    image = postgres["image"].replace("${STACK_IMAGE_PREFIX-}", stack.env.get("STACK_IMAGE_PREFIX", ""))
+    with running_container(*env, "-v", f"{initdb}:/docker-entrypoint-initdb.d:ro", image) as box:
         wait_until(lambda: "hold.sh" in docker("logs", box).stdout + docker("logs", box).stderr, 120,
                    "the init scripts to run")
         socket_only = docker("exec", box, "pg_isready", "-U", "ingest", "-d", "ingest", check=False)
@@ -408,7 +436,7 @@ def test_postgres_is_not_healthy_while_its_first_start_listens_on_the_socket_onl
 
 def test_the_stack_refuses_pushes_without_its_token(stack: Stack) -> None:
     """Runs after down -v: brings the core up again just long enough to knock without a token."""
-    stack.compose("up", "-d", "--wait", *CORE_SERVICES, timeout_s=300)
+    stack.compose("up", "-d", "--wait", timeout_s=300)
     try:
         reply = request(f"{stack.proxy_url}/messages", "POST", b'{"a": 1}', {"Content-Type": "application/json"})
         assert reply.status == 401 and reply.headers["www-authenticate"] == "Bearer"
@@ -416,4 +444,4 @@ def test_the_stack_refuses_pushes_without_its_token(stack: Stack) -> None:
         reply = request(f"{stack.proxy_url}/messages", "POST", _ndjson(range(3), "t"), _headers(stack))
         assert reply.status == 202, reply.body
     finally:
-        stack.compose("--profile", "load", "down", "-v", "-t", "30", timeout_s=180)
+        stack.compose("--profile", "*", "down", "-v", "-t", "30", timeout_s=180)

@@ -1,23 +1,19 @@
 """A Docker engine and the images the stack tests need, on machines that cannot pull any image.
 
 `engine()` starts dockerd when nothing answers and returns a handle that stops only what it
-started. `ensure_images()` builds the stand-ins in tests/standins/ (a debootstrapped Debian base,
-then python, postgres, nginx and prometheus on top of it) and tags them with the names the
-compose file and the Dockerfile use, unless a real image of that name is already present.
+started. `prepare()` runs the user's stack/prepare.py, the one home of the stand-in images
+(stack/standins/) and of building the ingest image.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
-import tempfile
+import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,19 +21,9 @@ from typing import Any
 
 from support.stack_support import COMPOSE_FILE, ROOT
 
-STANDINS = ROOT / "tests" / "standins"
-BASE_IMAGE = "ingest-standin/debian:bookworm"
-# stand-in folder -> the name docker-compose.yml or the Dockerfile asks for
-STANDIN_TAGS = {
-    "python": "python:3.11-slim",
-    "postgres": "postgres:16-alpine",
-    "nginx": "nginx:1.27-alpine",
-    "prometheus": "prom/prometheus:v2.53.4",
-}
-LABEL = "org.ingest.standin"
-HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+PREPARE = ROOT / "stack" / "prepare.py"
 ENGINE_START_TIMEOUT_S = 60.0
-BUILD_TIMEOUT_S = 600.0
+BUILD_TIMEOUT_S = 900.0
 
 
 class DockerUnavailable(AssertionError):
@@ -109,90 +95,14 @@ def engine(log_dir: Path) -> Engine:
 # ---------------------------------------------------------------- images
 
 
-def _image_labels(tag: str) -> dict[str, str] | None:
-    """The labels of a local image, or None when no image has that tag."""
-    found = docker("image", "inspect", "--format", "{{json .Config.Labels}}", tag, check=False)
-    if found.returncode != 0:
-        return None
-    return json.loads(found.stdout) or {}
-
-
-def _apt_mirror() -> str:
-    """The host's own Debian mirror, so debootstrap fetches from where apt-get already does."""
-    for source in (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list")):
-        if source.is_file():
-            text = source.read_text()
-            match = re.search(r"^URIs:\s*(\S+/debian)/?\s*$", text, re.MULTILINE) or re.search(
-                r"^deb\s+(?:\[[^]]*\]\s+)?(\S+/debian)/?\s+bookworm\b", text, re.MULTILINE
-            )
-            if match:
-                return match.group(1)
-    return "http://deb.debian.org/debian"
-
-
-def _build_base() -> None:
-    """debootstrap --variant=minbase bookworm, imported as the stand-ins' base image (~35 s)."""
-    if _image_labels(BASE_IMAGE) is not None:
-        return
-    debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
-    if not Path(debootstrap).is_file():
-        raise DockerUnavailable("debootstrap is missing: run `bash tests/run`, which installs it")
-    with tempfile.TemporaryDirectory(prefix="ingest-rootfs-") as tmp:
-        rootfs = Path(tmp) / "rootfs"
-        made = subprocess.run(
-            [debootstrap, "--variant=minbase", "bookworm", str(rootfs), _apt_mirror()],
-            capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
-        )
-        if made.returncode != 0:
-            raise DockerUnavailable(f"debootstrap failed:\n{made.stdout[-2000:]}\n{made.stderr[-2000:]}")
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        imported = subprocess.run(
-            ["docker", "import", "--change", f"LABEL {LABEL}=base", "-", BASE_IMAGE],
-            stdin=tar.stdout, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
-        )
-        assert tar.stdout is not None
-        tar.stdout.close()
-        tar.wait()
-        assert imported.returncode == 0 and tar.returncode == 0, imported.stderr
-
-
-def _context_digest(folder: Path, extra: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()) + extra:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _build_standin(name: str) -> str:
-    """Build one stand-in unless it is current, or a real image of that name is here already."""
-    tag = STANDIN_TAGS[name]
-    folder = STANDINS / name
-    extra = [HOST_CA_BUNDLE] if name == "python" else []
-    digest = _context_digest(folder, extra)
-    labels = _image_labels(tag)
-    if labels is not None and LABEL not in labels:
-        return f"{tag}: a real image is present, used as it is"
-    if labels is not None and labels.get(LABEL) == digest:
-        return f"{tag}: stand-in is current"
-    with tempfile.TemporaryDirectory(prefix=f"ingest-standin-{name}-") as tmp:
-        context = Path(tmp)
-        shutil.copytree(folder, context, dirs_exist_ok=True)
-        for path in extra:
-            shutil.copy(path, context / path.name)
-        docker("build", "--quiet", "--label", f"{LABEL}={digest}", "-t", tag, str(context),
-               timeout_s=BUILD_TIMEOUT_S, env={**os.environ, "DOCKER_BUILDKIT": "0"})
-    return f"{tag}: stand-in built"
-
-
-def ensure_images() -> list[str]:
-    """Every image the stack needs except the project's own and Grafana's; says what it did."""
-    missing = [tag for tag in STANDIN_TAGS.values() if _image_labels(tag) is None]
-    if missing:
-        _build_base()
-    with ThreadPoolExecutor(max_workers=len(STANDIN_TAGS), thread_name_prefix="standin") as pool:
-        futures = [pool.submit(_build_standin, name) for name in STANDIN_TAGS]
-        return [future.result() for future in futures]
+def prepare(env: dict[str, str]) -> str:
+    """The user's own command, stack/prepare.py: stand-ins where no registry answers, and the
+    ingest image, built once. What it printed, or the test fails with what it said."""
+    done = subprocess.run([sys.executable, str(PREPARE)], capture_output=True, text=True,
+                          timeout=BUILD_TIMEOUT_S, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        raise DockerUnavailable(f"stack/prepare.py exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
 
 
 # ---------------------------------------------------------------- a compose project
@@ -206,6 +116,7 @@ class Stack:
     ports: dict[str, int]
     env: dict[str, str] = field(default_factory=dict)
     cached_token: str | None = field(default=None, repr=False)  # the tokens volume's load token
+    before: EngineContents | None = None  # what the engine held before the project's first command
 
     def __post_init__(self) -> None:
         self.env = {
@@ -256,6 +167,44 @@ class Stack:
             "volumes": docker("volume", "ls", "-q", "--filter", label).stdout.split(),
             "networks": docker("network", "ls", "-q", "--filter", label).stdout.split(),
         }
+
+
+@dataclass
+class EngineContents:
+    """Every container and volume the engine has, whoever made them; with the compose project
+    each belongs to, where a label or a mounting container says."""
+
+    containers: dict[str, str]  # id -> project ("" when none)
+    volumes: dict[str, str]  # name -> project ("" when none)
+
+    def left_since(self, before: EngineContents | None, project: str) -> dict[str, list[str]]:
+        """What is here now and was not before, except what another project (a parallel test
+        run on a shared engine) visibly owns: an unlabelled, unmounted volume counts as left."""
+        old = before or EngineContents({}, {})
+        ours = {"", project}
+        return {
+            "containers": sorted(c for c, p in self.containers.items() if c not in old.containers and p in ours),
+            "volumes": sorted(v for v, p in self.volumes.items() if v not in old.volumes and p in ours),
+        }
+
+
+def engine_contents() -> EngineContents:
+    containers: dict[str, str] = {}
+    volumes: dict[str, str] = {}
+    for line in docker("ps", "-a", "--no-trunc", "--format",
+                       '{{.ID}} {{.Label "com.docker.compose.project"}}').stdout.splitlines():
+        container, _, project = line.partition(" ")
+        containers[container] = project.strip()
+    volume_format = '{{.Name}} {{.Label "com.docker.compose.project"}}'
+    for line in docker("volume", "ls", "--format", volume_format).stdout.splitlines():
+        name, _, project = line.partition(" ")
+        volumes[name] = project.strip()
+    if containers:  # an anonymous volume belongs to the project of a container that mounts it
+        for item in json.loads(docker("inspect", *containers).stdout):
+            for mount in item.get("Mounts", []):
+                if mount.get("Type") == "volume" and not volumes.get(mount["Name"]):
+                    volumes[mount["Name"]] = containers[item["Id"]]
+    return EngineContents(containers, volumes)
 
 
 @contextmanager

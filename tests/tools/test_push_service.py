@@ -122,3 +122,26 @@ def test_push_receipts_reports_pending_when_the_database_stalls(make_service, sq
         lock.close()
     assert done.returncode == 1, done.stdout + done.stderr
     assert "receipts      4 of 4 requests checked: NOT all stored: 4 still pending after 1 s" in done.stdout
+
+
+def test_push_prints_its_summary_when_stopped_by_sigterm(make_service) -> None:
+    """`docker compose stop load` sends SIGTERM: the pusher says how far it got, then exits."""
+    import signal
+    import subprocess
+    import sys
+
+    service = make_service()
+    command = [sys.executable, "-m", "ingest", "push", "--url", service.url, "--count", "1000000",
+               "--batch", "10", "--rate", "200"]  # 5,000 s at this rate: only a signal ends it
+    pusher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: metric(service, "ingest_http_requests_total", {"code": "202"}) >= 5,
+                   what="the pusher's first acknowledged requests")
+        pusher.send_signal(signal.SIGTERM)
+        out, err = pusher.communicate(timeout=30)
+    finally:
+        pusher.kill()
+    assert pusher.returncode == 1, out + err  # not every message was sent: not a success
+    assert "stopped       by SIGTERM" in out, out + err
+    acknowledged = int(out.split("acknowledged  ")[1].split()[0])
+    assert acknowledged >= 50, out

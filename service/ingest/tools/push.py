@@ -14,7 +14,9 @@ import asyncio
 import json
 import math
 import random
+import signal
 import ssl
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -113,14 +115,35 @@ class _Push:
         ) as session:
             try:
                 async with asyncio.TaskGroup() as group:
-                    for _ in range(min(self.options.concurrency, requests)):
-                        group.create_task(self._worker(session, started_s))
+                    workers = [group.create_task(self._worker(session, started_s))
+                               for _ in range(min(self.options.concurrency, requests))]
+                    self._stop_on_signals(workers)
             except* ClientError as errors:
                 raise errors.exceptions[0] from None
+            finally:
+                self._stop_on_signals(None)
             self.summary.elapsed_s = loop.time() - started_s
             if self.options.receipts:
                 self.summary.receipts = await self._check_receipts(session)
         return self.summary
+
+    def _stop_on_signals(self, workers: list[asyncio.Task[None]] | None) -> None:
+        """SIGTERM or SIGINT ends the run with its summary: `docker compose stop` of the load
+        profile killed the pusher before it printed one (issue 19). In the main thread only (where
+        the loop can take signals); None puts the default handling back."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            if workers is None:
+                loop.remove_signal_handler(signum)
+            else:
+                loop.add_signal_handler(signum, self._stop, signal.Signals(signum).name, workers)
+
+    def _stop(self, name: str, workers: list[asyncio.Task[None]]) -> None:
+        self.summary.stopped_by = name
+        for worker in workers:
+            worker.cancel()  # a TaskGroup lets a cancelled child go; the run ends with what it has
 
     async def _worker(self, session: aiohttp.ClientSession, started_s: float) -> None:
         loop = asyncio.get_running_loop()

@@ -33,6 +33,7 @@ class PushSummary:
     latencies_s: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     receipts: Receipts | None = None  # with --receipts: what the sampled requests' receipts said
+    stopped_by: str | None = None  # the signal that ended the run early
 
     @property
     def ok(self) -> bool:
@@ -54,6 +55,9 @@ class PushSummary:
             f"throughput    {self.messages_per_s:.1f} messages/s over {self.elapsed_s:.2f} s",
             f"latency       {_latency_line(self.latencies_s)}",
         ]
+        if self.stopped_by is not None:
+            lines.append(f"stopped       by {self.stopped_by}; {self.sent - self.acknowledged - self.failed} "
+                         "messages in flight then have no answer")
         shown = list(self.errors.items())[:ERRORS_SHOWN]
         if self.receipts is not None:
             lines.append(f"receipts      {self.receipts.format()}")

@@ -1,0 +1,294 @@
+#!/usr/bin/env python3
+"""Get a machine ready for `docker compose up`: `python3 stack/prepare.py` (README, "The whole stack").
+
+In order, each step said with how long it took, the first failure ends the run with one line
+saying what to do (exit 1):
+1. the host ports the stack publishes are free, or already held by this stack (a port in use
+   failed only after ~20 s of `up`, with the rest of the stack left running: issue 19);
+2. a Docker engine answers;
+3. every image docker-compose.yml and the Dockerfile name is here: present already, pulled, or,
+   where no registry answers, a stand-in built from Debian packages (stack/standins/README.md);
+4. the ingest image, built once (`docker compose build`).
+Where a registry answers this is not needed: `docker compose up -d --build` pulls and builds.
+It reads the same variables as the compose file (STACK_*, COMPOSE_PROFILES, COMPOSE_PROJECT_NAME),
+from the environment or from `.env` next to docker-compose.yml. The Docker tests use it too.
+Standard library only: it runs with the system's python3, before any virtualenv exists.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STANDINS = ROOT / "stack" / "standins"
+BASE_IMAGE = "ingest-standin/debian:bookworm"
+# stand-in folder -> the image docker-compose.yml or the Dockerfile names (before STACK_IMAGE_PREFIX)
+STANDIN_TAGS = {
+    "python": "python:3.11-slim",
+    "postgres": "postgres:16-alpine",
+    "nginx": "nginx:1.27-alpine",
+    "prometheus": "prom/prometheus:v2.53.4",
+}
+GRAFANA_IMAGE = "grafana/grafana:11.3.0"  # no stand-in: no Debian package of Grafana exists
+LABEL = "org.ingest.standin"
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+# variable -> (default host port, the service that publishes it, the profile it needs or None)
+PORTS = {
+    "STACK_PROXY_PORT": ("8080", "proxy", None),
+    "STACK_PROMETHEUS_PORT": ("9090", "prometheus", None),
+    "STACK_GRAFANA_PORT": ("3000", "grafana", "grafana"),
+}
+BUILD_TIMEOUT_S = 900.0
+
+
+class NotReady(Exception):
+    """What stops the stack from starting, in one line that says what to do."""
+
+
+# ---------------------------------------------------------------- settings
+
+
+def settings(environ: Mapping[str, str], root: Path = ROOT) -> dict[str, str]:
+    """The variables compose would see: `.env` next to the compose file, the environment over it."""
+    values: dict[str, str] = {}
+    dotenv = root / ".env"
+    if dotenv.is_file():
+        for line in dotenv.read_text().splitlines():
+            match = re.match(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$", line)
+            if match and not line.lstrip().startswith("#"):
+                values[match.group(1)] = match.group(2).strip().strip("'\"")
+    values.update(environ)
+    return values
+
+
+def profiles(values: Mapping[str, str]) -> set[str]:
+    return {p.strip() for p in values.get("COMPOSE_PROFILES", "").split(",") if p.strip()}
+
+
+def project_name(values: Mapping[str, str], root: Path = ROOT) -> str:
+    """Compose's default: the folder's name, lower case, other characters dropped."""
+    name = values.get("COMPOSE_PROJECT_NAME") or root.name
+    return re.sub(r"[^a-z0-9_-]", "", name.lower())
+
+
+def _timed(what: Callable[[], str]) -> str:
+    started = time.monotonic()
+    said = what()
+    return f"{said} ({time.monotonic() - started:.0f} s)"
+
+
+def docker(*args: str, timeout_s: float = 120.0, env: Mapping[str, str] | None = None,
+           cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout_s,
+                          env=None if env is None else dict(env), cwd=cwd, check=False)
+
+
+# ---------------------------------------------------------------- 1. host ports
+
+
+def _address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not port.isdigit():
+        raise NotReady(f"{value!r} is not a port or address:port")
+    return host or "0.0.0.0", int(port)
+
+
+def _held_by_this_stack(port: int, service: str, project: str) -> bool:
+    """`up` a second time: the stack's own container holds the port, which is as it should be."""
+    found = docker("ps", "--filter", f"publish={port}", "--format",
+                   '{{.Label "com.docker.compose.project"}} {{.Label "com.docker.compose.service"}}')
+    return f"{project} {service}" in found.stdout.splitlines()
+
+
+def check_ports(values: Mapping[str, str], root: Path = ROOT) -> str:
+    """Each published port can be bound, or is held by this stack; else which variable to set."""
+    enabled = profiles(values)
+    free = []
+    for variable, (default, service, profile) in PORTS.items():
+        if profile is not None and profile not in enabled and "*" not in enabled:
+            continue
+        host, port = _address(values.get(variable) or default)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise NotReady(f"cannot bind {host}:{port} for {service} ({exc.strerror}): set {variable}") from exc
+                if not (shutil.which("docker") and _held_by_this_stack(port, service, project_name(values, root))):
+                    raise NotReady(
+                        f"port {port} ({service}) is in use: set {variable} to a free one, e.g. "
+                        f"`echo {variable}=127.0.0.1:1{port} >> .env`, then run this again"
+                    ) from exc
+        free.append(f"{port} ({variable})")
+    return "host ports free: " + ", ".join(free)
+
+
+# ---------------------------------------------------------------- 2. the engine
+
+
+def check_engine() -> str:
+    if shutil.which("docker") is None:
+        raise NotReady("the docker client is missing: install Docker (Debian: apt-get install docker.io)")
+    answer = docker("info", "--format", "{{.ServerVersion}}", timeout_s=30)
+    if answer.returncode != 0:
+        raise NotReady("no Docker engine answers: start one (`systemctl start docker`, or `dockerd &` "
+                       "as root on a machine without systemd), then run this again")
+    if docker("compose", "version").returncode != 0:
+        raise NotReady("`docker compose` is missing: install the Compose v2 plugin (bash tests/run does)")
+    return f"Docker engine {answer.stdout.strip()} answers"
+
+
+# ---------------------------------------------------------------- 3. images
+
+
+def _image_labels(tag: str) -> dict[str, str] | None:
+    """The labels of a local image, or None when no image has that tag."""
+    found = docker("image", "inspect", "--format", "{{json .Config.Labels}}", tag)
+    if found.returncode != 0:
+        return None
+    labels: dict[str, str] = json.loads(found.stdout) or {}
+    return labels
+
+
+def _pulled(tag: str) -> bool:
+    """Fails within a second where no registry answers (the DNS lookup fails)."""
+    return docker("pull", "--quiet", tag, timeout_s=BUILD_TIMEOUT_S).returncode == 0
+
+
+def _apt_mirror() -> str:
+    """The host's own Debian mirror, so debootstrap fetches from where apt-get already does."""
+    for source in (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list")):
+        if source.is_file():
+            text = source.read_text()
+            match = re.search(r"^URIs:\s*(\S+/debian)/?\s*$", text, re.MULTILINE) or re.search(
+                r"^deb\s+(?:\[[^]]*\]\s+)?(\S+/debian)/?\s+bookworm\b", text, re.MULTILINE
+            )
+            if match:
+                return match.group(1)
+    return "http://deb.debian.org/debian"
+
+
+def _build_base(tag: str) -> str:
+    """debootstrap --variant=minbase bookworm, imported as the stand-ins' base image."""
+    debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
+    if not Path(debootstrap).is_file():
+        raise NotReady("no registry answers and debootstrap is missing: apt-get install debootstrap")
+    if os.geteuid() != 0:
+        raise NotReady("no registry answers: the stand-ins' base needs debootstrap, which needs root")
+    with tempfile.TemporaryDirectory(prefix="ingest-rootfs-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        made = subprocess.run([debootstrap, "--variant=minbase", "bookworm", str(rootfs), _apt_mirror()],
+                              capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
+        if made.returncode != 0:
+            raise NotReady(f"debootstrap failed: {(made.stderr or made.stdout).strip().splitlines()[-1:]}")
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        imported = subprocess.run(["docker", "import", "--change", f"LABEL {LABEL}=base", "-", tag],
+                                  stdin=tar.stdout, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+                                  check=False)
+        assert tar.stdout is not None
+        tar.stdout.close()
+        tar.wait()
+        if imported.returncode != 0 or tar.returncode != 0:
+            raise NotReady(f"docker import of the base failed: {imported.stderr.strip()}")
+    return f"{tag}: base built by debootstrap from {_apt_mirror()}"
+
+
+def _context_digest(folder: Path, extra: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()) + extra:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _build_standin(name: str, prefix: str) -> str:
+    """One stand-in (no registry served it), unless a real image of that name is here or it is current."""
+    tag = prefix + STANDIN_TAGS[name]
+    folder = STANDINS / name
+    extra = [HOST_CA_BUNDLE] if name == "python" else []
+    digest = _context_digest(folder, extra)
+    labels = _image_labels(tag)
+    if labels is not None and LABEL not in labels:
+        return f"{tag}: present (a real image)"
+    if labels is not None and labels.get(LABEL) == digest:
+        return f"{tag}: stand-in present and current"
+    with tempfile.TemporaryDirectory(prefix=f"ingest-standin-{name}-") as tmp:
+        context = Path(tmp)
+        shutil.copytree(folder, context, dirs_exist_ok=True)
+        for path in extra:
+            shutil.copy(path, context / path.name)
+        built = docker("build", "--quiet", "--build-arg", f"BASE={prefix}{BASE_IMAGE}", "--label",
+                       f"{LABEL}={digest}", "-t", tag, str(context), timeout_s=BUILD_TIMEOUT_S,
+                       env={**os.environ, "DOCKER_BUILDKIT": "0"})
+    if built.returncode != 0:
+        raise NotReady(f"building the stand-in {tag} failed: {built.stderr.strip()[-500:]}")
+    return f"{tag}: no registry answers, stand-in built from Debian packages"
+
+
+def ensure_images(values: Mapping[str, str]) -> list[str]:
+    """Every image the stack runs, except its own (step 4) and Grafana's, which has no stand-in."""
+    prefix = values.get("STACK_IMAGE_PREFIX", "")
+    missing = [name for name, tag in STANDIN_TAGS.items() if _image_labels(prefix + tag) is None]
+    pulled = [name for name in missing if _pulled(prefix + STANDIN_TAGS[name])]
+    said = [f"{prefix}{STANDIN_TAGS[name]}: pulled" for name in pulled]
+    if len(pulled) < len(missing) and _image_labels(prefix + BASE_IMAGE) is None:
+        said.append(_timed(lambda: _build_base(prefix + BASE_IMAGE)))
+    others = [name for name in STANDIN_TAGS if name not in pulled]
+    with ThreadPoolExecutor(max_workers=len(STANDIN_TAGS), thread_name_prefix="standin") as pool:
+        futures = [pool.submit(_timed, functools.partial(_build_standin, name, prefix)) for name in others]
+        said.extend(future.result() for future in futures)
+    if "grafana" in profiles(values) or "*" in profiles(values):
+        grafana = prefix + GRAFANA_IMAGE
+        if _image_labels(grafana) is None and not _pulled(grafana):
+            raise NotReady(f"{grafana} cannot be pulled and has no stand-in: leave `grafana` out of COMPOSE_PROFILES")
+        said.append(f"{grafana}: present")
+    return said
+
+
+# ---------------------------------------------------------------- 4. the ingest image
+
+
+def build_ingest(values: Mapping[str, str], root: Path = ROOT) -> str:
+    built = docker("compose", "build", "ingest", timeout_s=BUILD_TIMEOUT_S, env=values, cwd=root)
+    if built.returncode != 0:
+        raise NotReady(f"`docker compose build` failed: {(built.stderr or built.stdout).strip()[-800:]}")
+    image = docker("compose", "config", "--images", env=values, cwd=root).stdout.split()
+    own = next((name for name in image if name.endswith("ingest:local")), "ingest:local")
+    return f"{own}: built from the Dockerfile"
+
+
+def prepare(values: Mapping[str, str], say: Callable[[str], None]) -> None:
+    started = time.monotonic()
+    say(check_ports(values))
+    say(check_engine())
+    for line in ensure_images(values):
+        say(line)
+    say(_timed(lambda: build_ingest(values)))
+    say(f"ready in {time.monotonic() - started:.0f} s: docker compose up -d --wait")
+
+
+def main() -> int:
+    try:
+        prepare(settings(os.environ), lambda line: print(line, flush=True))
+    except NotReady as exc:
+        print(f"stack/prepare.py: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
