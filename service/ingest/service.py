@@ -45,10 +45,13 @@ ABANDON_AFTER_S = 2.0
 
 
 class Service:
-    def __init__(self, settings: Settings, shutdown: Shutdown | None = None, worker: WorkerSlot | None = None) -> None:
+    def __init__(
+        self, settings: Settings, shutdown: Shutdown | None = None, worker: WorkerSlot | None = None, *,
+        listens: bool = True,
+    ) -> None:
         self.settings = settings
         self.shutdown = shutdown or Shutdown()
-        self.parts = build(settings, self.shutdown, worker)
+        self.parts = build(settings, self.shutdown, worker, listens=listens)
         parts = self.parts
         # The parts the lifecycle (and the tests) use by name.
         self.metrics, self.buffer, self.pool, self.store = parts.metrics, parts.buffer, parts.pool, parts.store

@@ -1,0 +1,21 @@
+"""Fixtures of the stream buffer's tests: a real three-node NATS JetStream cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.nats_cluster import NatsCluster
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """Three nodes with sync_interval always, formed (a meta leader), killed afterwards."""
+    cluster = NatsCluster(tmp_path / "nats")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
