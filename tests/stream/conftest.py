@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from ingest.builder import stream_spec
+from ingest.config import Settings
+from ingest.stream import admin
 from support.nats_cluster import NatsCluster
 
 
@@ -19,3 +22,16 @@ def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture
+def stream_ready(nats_cluster: NatsCluster) -> NatsCluster:
+    """The cluster with the stream and its consumer made (`ingest stream init`, its defaults but a
+    short ack wait: a redelivery takes seconds, not a minute)."""
+    init_stream(nats_cluster)
+    return nats_cluster
+
+
+def init_stream(cluster: NatsCluster, **overrides: object) -> list[str]:
+    values: dict[str, object] = {"buffer": cluster.urls, "stream_ack_wait_s": 3.0, **overrides}
+    return admin.init(stream_spec(Settings.from_mapping(values)))

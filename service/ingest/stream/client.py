@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 2
 API_TIMEOUT_S = 2.0
+CLOSE_FLUSH_S = 2
 
 
 class Missing(Exception):
@@ -52,6 +53,17 @@ async def connect(servers: list[str], name: str, *, retry: bool = True) -> Clien
         return nc
     except (NatsError, OSError) as exc:
         raise StartupError(f"cannot connect to NATS at {','.join(servers)}: {first_line(exc)}") from None
+
+
+async def close(nc: Client) -> None:
+    """Flush what is buffered (a writer's last acks), then close; not nats-py's drain, which
+    waits up to 30 s on subscriptions."""
+    try:
+        await nc.flush(timeout=CLOSE_FLUSH_S)
+    except (NatsError, OSError, TimeoutError) as exc:
+        log.warning("nats: flush before closing: %s", first_line(exc) or type(exc).__name__)
+    finally:
+        await nc.close()
 
 
 async def api(nc: Client, subject: str, timeout_s: float = API_TIMEOUT_S) -> dict[str, Any]:

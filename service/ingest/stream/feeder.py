@@ -252,7 +252,4 @@ class StreamFeeder(threading.Thread):
                     await held.msg.in_progress()
 
     async def _disconnect(self, nc: Client) -> None:
-        try:
-            await nc.drain()
-        except (NatsError, OSError, TimeoutError) as exc:
-            log.warning("nats: closing: %s", first_line(exc))
+        await client.close(nc)

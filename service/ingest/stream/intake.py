@@ -90,10 +90,7 @@ class StreamIntake:
             yield
         finally:
             poll.cancel()
-            try:
-                await nc.drain()
-            except (NatsError, TimeoutError) as exc:
-                log.warning("nats: closing: %s", first_line(exc))
+            await client.close(nc)
 
     # -- accepting --------------------------------------------------------------------------
 
