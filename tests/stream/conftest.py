@@ -7,10 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.builder import stream_spec
-from ingest.config import Settings
-from ingest.stream import admin
-from support.nats_cluster import NatsCluster
+from support.nats_cluster import NatsCluster, init_stream
 
 
 @pytest.fixture
@@ -31,7 +28,3 @@ def stream_ready(nats_cluster: NatsCluster) -> NatsCluster:
     init_stream(nats_cluster)
     return nats_cluster
 
-
-def init_stream(cluster: NatsCluster, **overrides: object) -> list[str]:
-    values: dict[str, object] = {"buffer": cluster.urls, "stream_ack_wait_s": 3.0, **overrides}
-    return admin.init(stream_spec(Settings.from_mapping(values)))

@@ -20,6 +20,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ingest.builder import stream_spec
+from ingest.config import Settings
+from ingest.stream import admin
 from support.waiting import wait_until
 
 BINARY = Path(sys.executable).parent / "nats-server"
@@ -88,7 +91,9 @@ class Node:
             return None
 
     def healthy(self) -> bool:
-        return self.running() and self.monitor("/healthz?js-enabled-only=true") is not None
+        """Running, and its JetStream current with the cluster (/healthz's full check: the meta
+        group, and every stream and consumer replica it holds)."""
+        return self.running() and self.monitor("/healthz") is not None
 
 
 class NatsCluster:
@@ -133,3 +138,10 @@ class NatsCluster:
     def close(self) -> None:
         for node in self.nodes:
             node.kill()
+
+
+def init_stream(cluster: NatsCluster, **overrides: object) -> list[str]:
+    """`ingest stream init` on the cluster: its defaults but a short ack wait (a redelivery
+    takes seconds, not a minute), and `overrides`."""
+    values: dict[str, object] = {"buffer": cluster.urls, "stream_ack_wait_s": 3.0, **overrides}
+    return admin.init(stream_spec(Settings.from_mapping(values)))
