@@ -4,10 +4,13 @@ the stream full, a listener process killed right after its 202s. No fake broker,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
 
+import nats
+import nats.errors
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -50,6 +53,26 @@ def receipt_row(url: str, request_id: str) -> tuple[int, int]:
             return int(accepted), int(stored)
     finally:
         engine.dispose()
+
+
+def first_delivery_offered(cluster: NatsCluster) -> bool:
+    """What the shared consumer hands another writer now is a first delivery (or nothing): no
+    request a writer holds is up for delivery again. The one fetched is handed back (nak)."""
+
+    async def fetch() -> bool:
+        nc = await nats.connect(cluster.urls.split(","))
+        try:
+            subscription = await nc.jetstream().pull_subscribe_bind(durable="writers", stream="INGEST")
+            try:
+                (msg,) = await subscription.fetch(1, timeout=2)
+            except nats.errors.TimeoutError:
+                return True
+            await msg.nak()
+            return bool(msg.metadata.num_delivered == 1)
+        finally:
+            await nc.close()
+
+    return asyncio.run(fetch())
 
 
 def post_keyed(url: str, message: dict[str, int], key: str) -> Reply:
@@ -186,11 +209,12 @@ def test_postgres_cut_202s_go_on_to_the_streams_bound_then_503_then_all_drains(
     init_stream(nats_cluster, stream_max_bytes=200_000, max_body_bytes=16_384)
     common = {"buffer": nats_cluster.urls, "max_body_bytes": 16_384}
     database = proxies(5432)
-    make_service(**common, db_url=via(postgres_head_url, database), consumers=1)
+    writer = make_service(**common, db_url=via(postgres_head_url, database), consumers=1)
     listener = make_service(**common, db_url=postgres_head_url, consumers=0)
     assert post_ndjson(listener.url, [{"warm": 1}]).status == 202
     wait_until(lambda: counts(postgres_head_url)[0] == 1, 15, "the first row")
     database.cut()
+    cut_at = time.monotonic()
     accepted, refused = 1, None
     for r in range(5000):
         reply = post_ndjson(listener.url, [{"r": r, "i": i, "pad": "x" * 20} for i in range(10)])
@@ -203,9 +227,17 @@ def test_postgres_cut_202s_go_on_to_the_streams_bound_then_503_then_all_drains(
     assert 1 <= int(refused.headers["retry-after"]) <= 60
     assert accepted > 1000, "202s went on while the database was cut"
     assert request(listener.url + "/readyz").status == 200  # a listener needs the stream, not the database
+    held = status(nats_cluster).ack_pending
+    assert held > 0, "the writer holds what it fetched before the cut"
+    # Two ack waits (3 s) with the database still cut: the writer's in-progress acks keep what it
+    # holds from being delivered to anyone again, and it fetches nothing new meanwhile.
+    wait_until(lambda: time.monotonic() >= cut_at + 7, 10, "two ack waits with the database cut")
+    assert (status(nats_cluster).ack_pending, status(nats_cluster).redelivered) == (held, 0)
+    assert first_delivery_offered(nats_cluster), "a held request was offered to another writer"
     database.restore()
     all_stored(postgres_head_url, accepted)
     wait_until(lambda: status(nats_cluster).messages == 0, 30, "the stream drained")
+    assert writer.metrics.duplicates._value.get() == 0, "nothing was delivered twice"
 
 
 def test_a_listener_killed_right_after_its_202s_loses_nothing(

@@ -12,7 +12,8 @@ from ingest.db.tables import messages
 from ingest.service import Service
 from ingest.stream import admin
 from support.httpclient import post_ndjson, request
-from support.nats_cluster import NatsCluster
+from support.nats_cluster import NatsCluster, free_port
+from support.serving import ServeProcess
 from support.waiting import wait_until
 
 
@@ -83,3 +84,32 @@ def test_ack_commit_without_a_writer_times_out_naming_the_request(
                and r.json()["stored"] == 1, 20, "the receipt to say stored")
 
 
+
+
+def test_workers_publish_through_each_their_own_connection(
+    stream_ready: NatsCluster, make_service: Callable[..., Service], postgres_head_url: str,
+) -> None:
+    port = free_port()
+    listener = ServeProcess(["--port", str(port), "--workers", "2", "--consumers", "0", "--buffer", stream_ready.urls,
+                             "--db", postgres_head_url])
+    try:
+        replies = [post_ndjson(listener.url, [{"r": r, "i": i} for i in range(10)]) for r in range(40)]
+        assert {r.status for r in replies} == {202}
+        metrics = request(listener.url + "/metrics").body.decode()
+        assert "ingest_stream_publish_seconds_count 40.0" in metrics  # the workers' counts, added up
+    finally:
+        listener.kill()
+    make_service(buffer=stream_ready.urls, db_url=postgres_head_url, consumers=2)
+    wait_until(lambda: rows(postgres_head_url) == 400, 20, "400 rows")
+
+
+def test_a_writer_refuses_messages_and_serves_its_metrics(
+    stream_ready: NatsCluster, make_service: Callable[..., Service], postgres_head_url: str,
+) -> None:
+    writer = make_service(buffer=stream_ready.urls, db_url=postgres_head_url, consumers=1, _listens=False)
+    refused = post_ndjson(writer.url, [{"n": 1}])
+    assert refused.status == 404
+    assert "this is a writer" in refused.json()["error"]
+    wait_until(lambda: request(writer.url + "/readyz").status == 200, 10, "the writer ready")
+    wait_until(lambda: "ingest_stream_replicas_current 3.0" in request(writer.url + "/metrics").body.decode(), 10,
+               "the stream's state polled")

@@ -35,7 +35,6 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeout
 
 from ingest.buffer import Buffer
 from ingest.errors import QueueFull, ShuttingDown, first_line
@@ -80,6 +79,9 @@ class StreamFeeder(threading.Thread):
         self._nc: Client | None = None
         self._finishing = threading.Event()
         self._closing: asyncio.Event | None = None
+        self._answered = asyncio.Event()  # the pull request under way is over (filled or a status)
+        self._outstanding = 0
+        self._arrived: list[Message] = []  # delivered and held, not yet in the buffer
         self.fetching_done = threading.Event()  # set once no fetch will put anything more
         self.malformed = 0
 
@@ -125,10 +127,14 @@ class StreamFeeder(threading.Thread):
         self._closing = asyncio.Event()
         nc = self._nc = await client.connect(self._spec.servers, "ingest-writer")
         putter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-put")
-        keepalive = asyncio.create_task(self._keep_alive(), name="stream-in-progress")
+        # The consumer's ack wait, as the servers have it (`stream init` set it), not this
+        # process's setting: in-progress acks must come well within it.
+        ack_wait_s = (await client.consumer_info(nc, self._spec))["config"]["ack_wait"] / 1e9
+        keepalive = asyncio.create_task(self._keep_alive(ack_wait_s), name="stream-in-progress")
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox, cb=self._delivered)
         try:
-            subscription = await nc.jetstream().pull_subscribe_bind(durable=DURABLE, stream=self._spec.name)
-            await self._fetch_until_finishing(subscription, putter)
+            await self._fetch_until_finishing(nc, inbox, putter)
             self.fetching_done.set()
             await self._closing.wait()
         finally:
@@ -136,23 +142,44 @@ class StreamFeeder(threading.Thread):
             putter.shutdown(wait=True)
             await self._disconnect(nc)
 
-    async def _fetch_until_finishing(self, subscription: object, putter: ThreadPoolExecutor) -> None:
-        fetch = subscription.fetch  # type: ignore[attr-defined]
+    async def _fetch_until_finishing(self, nc: Client, inbox: str, putter: ThreadPoolExecutor) -> None:
+        """Pull requests of our own, one at a time, answered on our inbox: every request the
+        stream delivers is held from the moment it arrives (nats-py's fetch can leave late
+        deliveries in a queue nobody keeps alive), and put into the buffer as room frees."""
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self._spec.name}.{DURABLE}"
+        pull = orjson.dumps({"batch": FETCH_MAX, "expires": int(FETCH_WAIT_S * 1e9)})
         while not self._finishing.is_set() and not self._hard_stop.is_set():
+            if self._arrived:
+                batch, self._arrived = self._arrived, []
+                if not await self._put(batch, putter):
+                    return
+                continue
             if self._database_failing():
                 await self._pause()  # keep what is held alive; take no more
                 continue
+            self._outstanding = FETCH_MAX
+            self._answered.clear()
             try:
-                msgs: list[Msg] = await fetch(FETCH_MAX, timeout=FETCH_WAIT_S)
-            except NatsTimeout:
-                continue  # nothing to fetch
+                await nc.publish(subject, pull, reply=inbox)
             except (NatsError, OSError) as exc:
-                log.warning("stream %s: fetch failed, retrying: %s", self._spec.name, first_line(exc))
+                log.warning("stream %s: pull request failed, retrying: %s", self._spec.name, first_line(exc))
                 await self._pause()
                 continue
-            batch = [m for msg in msgs for m in await self._messages(msg)]
-            if batch and not await self._put(batch, putter):
-                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._answered.wait(), FETCH_WAIT_S + 1)
+
+    async def _delivered(self, msg: Msg) -> None:
+        """A delivery on our inbox: a request (held at once), or a status that ends the pull."""
+        status = (msg.headers or {}).get("Status")
+        if status is not None:
+            if status not in ("100",):  # 404 no messages, 408 expired, 409 ...: this pull is over
+                self._outstanding = 0
+                self._answered.set()
+            return
+        self._arrived.extend(await self._messages(msg))
+        self._outstanding -= 1
+        if self._outstanding <= 0:
+            self._answered.set()
 
     async def _pause(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -241,9 +268,9 @@ class StreamFeeder(threading.Thread):
             log.warning("stream %s: commit report for %s not sent: %s", self._spec.name, held.request_id,
                         first_line(exc))
 
-    async def _keep_alive(self) -> None:
+    async def _keep_alive(self, ack_wait_s: float) -> None:
         """In-progress acks for held requests, so no other writer gets them meanwhile."""
-        interval = max(0.1, self._spec.ack_wait_s / 3)
+        interval = max(0.1, ack_wait_s / 3)
         while True:
             await asyncio.sleep(interval)
             for held in list(self._held.values()):
