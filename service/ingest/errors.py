@@ -21,6 +21,7 @@
     │   ├── TransientStoreError     retry: connection lost, serialization failure, locked
     │   ├── PermanentStoreError     the database refuses the data: isolate and dead-letter
     │   └── WriteFailed             (messages.py) an ack=commit request's messages not all stored: 500
+    │       └── CommitTimeout       (messages.py) no writer reported the commit in time (stream buffer): 504
     ├── SpoolError                  a spool file that is damaged, foreign or of another version
     ├── SchemaNotReady              the database is not at this ingest's schema revision
     ├── StartupError                the service could not start (bind, database, schema)

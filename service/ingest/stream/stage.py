@@ -20,6 +20,7 @@ from ingest.stream.feeder import StreamFeeder
 from ingest.stream.spec import StreamSpec
 
 JOIN_CHECK_S = 0.5
+KEPT_IN_STREAM = "not stored before shutdown; kept in the stream, for a writer to store"
 
 
 class StreamStage:
