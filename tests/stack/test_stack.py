@@ -549,8 +549,14 @@ def test_alert_rules_fire_when_they_should(tmp_path: Path) -> None:
             [silent("IngestQueueNearlyFull", "4m")],
         ),
         (  # received keeps growing, stored is stuck
-            [("ingest_messages_received_total", "0+100x20"), ("ingest_messages_stored_total", "500x20")],
+            [("ingest_messages_received_total", "0+100x20"), ("ingest_messages_stored_total", "500x20"),
+             ("ingest_consumers_configured", "4x20")],
             [silent("IngestNotStoring", "1m"), fires("IngestNotStoring", "3m", page)],
+        ),
+        (  # a stream buffer's listener only (no consumers) stores nothing by design
+            [("ingest_messages_received_total", "0+100x20"), ("ingest_messages_stored_total", "0x20"),
+             ("ingest_consumers_configured", "0x20")],
+            [silent("IngestNotStoring", "4m")],
         ),
         (  # both grow: healthy
             [("ingest_messages_received_total", "0+100x20"), ("ingest_messages_stored_total", "0+100x20")],
