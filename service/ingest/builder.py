@@ -10,12 +10,13 @@ from __future__ import annotations
 import ipaddress
 import ssl
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from aiohttp import web
 from prometheus_client import generate_latest
 
 from ingest import metrics_merge
@@ -44,6 +45,9 @@ from ingest.shutdown import Shutdown
 from ingest.spool import directory as spool_directory
 from ingest.spool.stage import NoSpool, SpoolStage
 from ingest.spool.writer import SpoolWriter
+from ingest.stream.intake import StreamIntake
+from ingest.stream.spec import StreamSpec
+from ingest.stream.stage import StreamStage
 from ingest.supervisor import Supervisor
 
 LOOKUP_TIMEOUT_S = 2.0  # a receipt the database does not give in this time comes from the ledger
@@ -85,7 +89,7 @@ class Parts:
     buffer: Buffer
     pool: ConnectionPool
     store: Store
-    spool: SpoolStage | NoSpool
+    spool: SpoolStage | StreamStage | NoSpool  # the stage between the listener and the buffer, if any
     throughput: Throughput
     ledger: Ledger
     consumer_names: list[str]
@@ -101,7 +105,8 @@ class Parts:
     chores: Chores
 
 
-def build(settings: Settings, shutdown: Shutdown, worker: WorkerSlot | None = None) -> Parts:
+def build(settings: Settings, shutdown: Shutdown, worker: WorkerSlot | None = None, *, listens: bool = True) -> Parts:
+    """`listens`: False for a writer (`ingest write`): its port serves /metrics, /healthz and /readyz."""
     consumer_names = [f"consumer-{n}" for n in range(1, settings.consumers + 1)]
     metrics = Metrics(consumer_names)
     tokens = Tokens(Path(settings.auth_tokens)) if settings.auth_tokens is not None else None
@@ -117,7 +122,12 @@ def build(settings: Settings, shutdown: Shutdown, worker: WorkerSlot | None = No
     ledger = Ledger()
     enqueue = ThreadPoolExecutor(max_workers=ENQUEUE_THREADS, thread_name_prefix="enqueue")
     lookups = ThreadPoolExecutor(max_workers=LOOKUP_THREADS, thread_name_prefix="receipts")
-    spool, intake = _spool_and_intake(settings, shutdown, buffer, ledger, throughput, enqueue)
+    spool: SpoolStage | StreamStage | NoSpool
+    intake: Intake
+    if settings.buffer_servers:
+        spool, intake = _stream_and_intake(settings, shutdown, buffer, ledger, store, metrics, listens)
+    else:
+        spool, intake = _spool_and_intake(settings, shutdown, buffer, ledger, throughput, enqueue)
     after_commit = _after_commit(throughput, spool)
     make_consumer = _consumer_factory(settings, shutdown, buffer, store, metrics, ledger, after_commit)
     supervisor = Supervisor(make_consumer, metrics.thread_errors, metrics.consumer_restarts,
@@ -128,6 +138,7 @@ def build(settings: Settings, shutdown: Shutdown, worker: WorkerSlot | None = No
     health = Health(
         spool_threads=spool.threads, supervisor=supervisor, consumers=settings.consumers, store=store,
         stopping=shutdown.stopping, siblings_started=worker.all_started if worker is not None else None,
+        stream_unreachable=(lambda: intake.unreachable) if isinstance(intake, StreamIntake) else None,
     )
     unprotected_warning = _unprotected_warning(settings, tokens)
     routes = RouteConfig(
@@ -158,7 +169,8 @@ def build(settings: Settings, shutdown: Shutdown, worker: WorkerSlot | None = No
     ssl_context = None
     if settings.tls_cert is not None and settings.tls_key is not None:
         ssl_context = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-    listener = _listener(settings, routes, guard, metrics, ssl_context, worker)
+    lifespan = intake.lifespan if isinstance(intake, StreamIntake) else None
+    listener = _listener(settings, routes, guard, metrics, ssl_context, worker, lifespan)
     health.watch(listener)
     chores = Chores(store=store, pool=pool, probe_pool=probe_pool, metrics=metrics, shutdown=shutdown, tokens=tokens,
                     lookups=lookups)
@@ -193,12 +205,38 @@ def _spool_and_intake(
     return stage, SpoolIntake(writer, retry_after_s=throughput.retry_after_s)
 
 
+def stream_spec(settings: Settings) -> StreamSpec:
+    """The stream a nats:// buffer's settings name: one home for `serve`, `write` and `stream`."""
+    return StreamSpec(
+        servers=settings.buffer_servers, name=settings.stream, replicas=settings.stream_replicas,
+        max_bytes=settings.stream_max_bytes, max_body_bytes=settings.max_body_bytes,
+        ack_wait_s=settings.stream_ack_wait_s,
+    )
+
+
+def _stream_and_intake(
+    settings: Settings, shutdown: Shutdown, buffer: Buffer, ledger: Ledger, store: Store, metrics: Metrics,
+    listens: bool,
+) -> tuple[StreamStage, StreamIntake]:
+    """--buffer nats://: 202 once the stream has the request; writers (--consumers > 0) feed from it."""
+    spec = stream_spec(settings)
+    stage = StreamStage(spec, writers=settings.consumers > 0, buffer=buffer, ledger=ledger,
+                        hard_stop=shutdown.hard_stop, database_failing=lambda: store.database_error is not None)
+    intake = StreamIntake(spec, ledger=ledger, metrics=metrics, enqueue_timeout_s=settings.enqueue_timeout_s,
+                          commit_timeout_s=settings.commit_timeout_s, accepting=listens)
+    return stage, intake
+
+
 def _listener(
     settings: Settings, routes: RouteConfig, guard: ConnectionGuard, metrics: Metrics,
     ssl_context: ssl.SSLContext | None, worker: WorkerSlot | None,
+    lifespan: Callable[[web.Application], AsyncIterator[None]] | None = None,
 ) -> ListenerThread:
+    app = make_app(routes)
+    if lifespan is not None:
+        app.cleanup_ctx.append(lifespan)  # on the listener's loop: before the port opens, after the last reply
     return ListenerThread(
-        make_app(routes), settings.host, settings.port, hot_path=hot_path(routes),
+        app, settings.host, settings.port, hot_path=hot_path(routes),
         shutdown_timeout_s=settings.drain_timeout_s, guard=guard,
         keepalive_timeout_s=settings.keepalive_timeout_s, ssl_context=ssl_context,
         reuse_port=worker is not None, new_loop=loop_factory(settings.event_loop),
@@ -219,13 +257,17 @@ def _consumer_factory(
     return make
 
 
-def _after_commit(throughput: Throughput, spool: SpoolStage | NoSpool) -> Callable[[list[Message], WriteResult], None]:
+def _after_commit(
+    throughput: Throughput, spool: SpoolStage | StreamStage | NoSpool,
+) -> Callable[[list[Message], WriteResult], None]:
     """What else a consumer does once its batch is in the database: pace the Retry-After, free
-    the spool's rows."""
+    the spool's rows, ack the stream's requests."""
 
     def settled(batch: list[Message], result: WriteResult) -> None:
         throughput.record(len(batch))
         spool.forget(batch)
+        if isinstance(spool, StreamStage):
+            spool.settled(result.stored, result.duplicates, [m for m, _ in result.dead])
 
     return settled
 

@@ -9,6 +9,7 @@ downstream receives plain, checked values.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from ingest.errors import ConfigError
 from ingest.vocabulary import ACK_MODES, SPOOL_SYNC_MODES
 
 EVENT_LOOPS = ("uvloop", "asyncio")
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SUPPORTED_DRIVERS = {"sqlite": ("", "pysqlite"), "postgresql": ("psycopg",)}
 
 T = TypeVar("T")
@@ -86,6 +88,24 @@ class Settings:
     spool_sync: str = setting(
         "full", "full: a 202 survives a power cut (fsync each commit); normal: it survives the process dying.")
     spool_max_bytes: int = setting(1024**3, "Bound of the spool; when full, requests get 503.")
+    buffer: str = setting(
+        "memory", "memory: 202 once in this process's buffer. nats://host:4222,nats://host2:4222,...: 202 once the "
+                  "whole request is in a replicated NATS JetStream stream (`ingest stream init` makes it); with "
+                  "--consumers 0 a listener only.")
+    stream: str = setting("INGEST", "With a nats:// buffer: the stream's name (its subject: the name, lower case, "
+                                    "then .requests).")
+    stream_replicas: int = setting(3, "Replicas of the stream that `ingest stream init` makes (3 or 5 in production).",
+                                   flag="--replicas")
+    stream_max_bytes: int = setting(
+        1024**3, "Bound of the stream (the unstored backlog), set by `ingest stream init`; when full, "
+                 "requests get 503.",
+        flag="--max-bytes")
+    stream_ack_wait_s: float = setting(
+        60.0, "Seconds a writer may hold a stream message unacknowledged before another writer gets it; "
+              "set by `ingest stream init`.", flag="--ack-wait")
+    commit_timeout_s: float = setting(
+        60.0, "With a nats:// buffer: seconds an ack=commit request waits for a writer's commit; then 504 naming "
+              "the request (its receipt tells).")
     id_field: str | None = setting(
         None, "A field of every message that is its identity: a message whose identity is stored is not stored "
               "again. Default: each message gets a new identity (or one from the request's Idempotency-Key).")
@@ -108,11 +128,15 @@ class Settings:
 
     def validate(self) -> None:
         _check_port(self.port)
-        for name in ("consumers", "workers", "queue_size", "batch_size", "pool_size", "max_body_bytes",
-                     "spool_max_bytes", "max_connections"):
+        if self.consumers < (0 if self.buffer_servers else 1):
+            raise ConfigError(f"consumers must be at least {0 if self.buffer_servers else 1}, got {self.consumers}")
+        for name in ("workers", "queue_size", "batch_size", "pool_size", "max_body_bytes",
+                     "spool_max_bytes", "max_connections",
+                     "stream_replicas", "stream_max_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s", "statement_timeout_s"):
+        for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s", "statement_timeout_s",
+                     "stream_ack_wait_s", "commit_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be more than 0 seconds, got {getattr(self, name)}")
         for name in ("enqueue_timeout_s", "batch_linger_s", "drain_timeout_s"):
@@ -148,6 +172,7 @@ class Settings:
         if self.workers > 1 and self.spool is not None and self.spool_directory is None:
             raise ConfigError(f"a spool file has one writer: with --workers, give --spool a directory "
                               f"(e.g. {self.spool.rstrip('/')}.d/), where each worker keeps a file of its own")
+        _check_buffer(self)
         if self.id_field is not None and not self.id_field.strip():
             raise ConfigError("id_field must name a field of the messages, got an empty name")
 
@@ -159,6 +184,13 @@ class Settings:
             return None
         path = Path(self.spool)
         return path if self.spool.endswith("/") or path.is_dir() else None
+
+    @property
+    def buffer_servers(self) -> list[str]:
+        """The NATS servers of a nats:// buffer; empty for the memory buffer."""
+        if self.buffer == "memory":
+            return []
+        return [url.strip() for url in self.buffer.split(",")]
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with the database password hidden, for display."""
@@ -203,6 +235,17 @@ def _value_type(hint: object) -> type:
     if len(types) != 1 or not isinstance(types[0], type):
         raise TypeError(f"a setting holds one plain type, not {hint!r}")
     return types[0]
+
+
+def _check_buffer(settings: Settings) -> None:
+    servers = settings.buffer_servers
+    if any(not url.startswith(("nats://", "tls://")) or url in ("nats://", "tls://") for url in servers):
+        raise ConfigError(f"buffer must be memory or nats://host:port[,nats://host:port...], got {settings.buffer!r}")
+    if servers and settings.spool is not None:
+        raise ConfigError("buffer and spool: a request is kept by the stream or by the spool, not both; "
+                          "give --buffer nats://... or --spool, not both")
+    if not _STREAM_NAME.fullmatch(settings.stream):
+        raise ConfigError(f"stream must be letters, digits, - and _, got {settings.stream!r}")
 
 
 def _check_port(port: int) -> None:

@@ -7,17 +7,21 @@
     │   ├── TooLarge                413: body over max_body_bytes (after decompression too)
     │   ├── Unauthorized            401: no valid bearer token
     │   ├── RequestTimeout          408: the body did not arrive within the body timeout
-    │   └── Unsupported             415: content type or encoding we do not read
+    │   ├── Unsupported             415: content type or encoding we do not read
+    │   └── NotAListener            404: POST /messages to a writer (`ingest write`)
     ├── Backpressure                the service cannot take it now (503 + Retry-After)
     │   ├── QueueFull               no room in the buffer within enqueue_timeout
     │   ├── ShuttingDown            the service is draining
     │   ├── SpoolFull               the spool is at its byte bound
     │   ├── SpoolUnavailable        the spool could not commit (a full disk, an I/O error)
-    │   └── RateLimited             429: the client is over its rate limit
+    │   ├── RateLimited             429: the client is over its rate limit
+    │   ├── StreamFull              the NATS stream is at its byte bound (discard new)
+    │   └── StreamUnavailable       no definite answer from the stream in time: outcome unknown
     ├── StoreError                  a batch could not be written
     │   ├── TransientStoreError     retry: connection lost, serialization failure, locked
     │   ├── PermanentStoreError     the database refuses the data: isolate and dead-letter
     │   └── WriteFailed             (messages.py) an ack=commit request's messages not all stored: 500
+    │       └── CommitTimeout       (messages.py) no writer reported the commit in time (stream buffer): 504
     ├── SpoolError                  a spool file that is damaged, foreign or of another version
     ├── SchemaNotReady              the database is not at this ingest's schema revision
     ├── StartupError                the service could not start (bind, database, schema)
@@ -86,6 +90,13 @@ class Unsupported(Rejected):
     reason = "unsupported"
 
 
+class NotAListener(Rejected):
+    """A writer (`ingest write`) takes messages from the stream, not from clients."""
+
+    status = 404
+    reason = "not_a_listener"
+
+
 class Backpressure(IngestError):
     """The service cannot take the request now; the client should retry after `retry_after_s`."""
 
@@ -121,6 +132,19 @@ class RateLimited(Backpressure):
 
     status = 429
     reason = "rate_limited"
+
+
+class StreamFull(Backpressure):
+    """The stream refused the request: it holds --max-bytes of unstored requests (discard new)."""
+
+    reason = "stream_full"
+
+
+class StreamUnavailable(Backpressure):
+    """The stream gave no definite answer in time (an election, quorum lost, no server): the
+    request may or may not be in it. Retried with its Idempotency-Key it is stored once."""
+
+    reason = "stream_unavailable"
 
 
 class StoreError(IngestError):

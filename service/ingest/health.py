@@ -31,6 +31,7 @@ class Health:
         store: Store,
         stopping: threading.Event,
         siblings_started: EventLike | None,
+        stream_unreachable: Callable[[], str | None] | None = None,
     ) -> None:
         self._listener: threading.Thread | None = None  # watch()ed once built: it needs the routes, which need this
         self._spool_threads = spool_threads  # the spool's writer and feeder, once built
@@ -39,6 +40,7 @@ class Health:
         self._store = store
         self._stopping = stopping
         self._siblings_started = siblings_started
+        self._stream_unreachable = stream_unreachable  # --buffer nats://: why the stream does not answer
         self.started = threading.Event()  # set once start() has returned
 
     def watch(self, listener: threading.Thread) -> None:
@@ -61,7 +63,10 @@ class Health:
             return "starting"
         if self._stopping.is_set():
             return "stopping"
-        if self._store.database_error is not None:
+        if self._stream_unreachable is not None and (why := self._stream_unreachable()) is not None:
+            return f"stream unreachable: {why}"
+        # A listener only (--consumers 0) writes nothing: the stream keeps its requests meanwhile.
+        if self._store.database_error is not None and self._consumers > 0:
             return f"database unreachable: {self._store.database_error}"
         if self._siblings_started is not None and not self._siblings_started.is_set():
             return "waiting for the other worker processes to start"

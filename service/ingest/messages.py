@@ -18,6 +18,11 @@ class WriteFailed(StoreError):
         self.request_id: str | None = None  # set by the handler that reports it
 
 
+class CommitTimeout(WriteFailed):
+    """An ack=commit request published to the stream whose commit no writer reported in time:
+    504; its messages are in the stream and will be stored, and its receipt tells when."""
+
+
 class Receipt:
     """One accepted request: what became of its messages, and the future its client awaits.
 

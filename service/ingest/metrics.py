@@ -15,11 +15,13 @@ from prometheus_client.utils import floatToGoString
 from ingest.vocabulary import REJECT_REASONS
 
 ANONYMOUS = "anonymous"  # the client label when no token file is configured
-HTTP_CODES = ("200", "201", "202", "400", "401", "404", "405", "408", "413", "415", "429", "500", "503")
+HTTP_CODES = ("200", "201", "202", "400", "401", "404", "405", "408", "413", "415", "429", "500", "503", "504")
 THREADS = ("listener", "other")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_PUBLISH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+STREAM_PUBLISH_ERRORS = ("full", "unavailable")
 _BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
 
@@ -121,12 +123,51 @@ class Metrics:
         )
         for reason in ("too_many", "header_timeout"):
             self.connections_closed.labels(reason)
+        self._declare_stream(r)
         # Pre-create label values so dashboards show 0, not "no data".
         self.add_clients([ANONYMOUS])
         for code in HTTP_CODES:
             self.http_requests.add(int(code))
         for name in [*THREADS, *consumer_names]:
             self.thread_errors.labels(name)
+
+    def _declare_stream(self, r: CollectorRegistry) -> None:
+        """The stream buffer's (--buffer nats://): publishes timed on the listener, the stream's
+        state polled every 2 s by listeners and writers alike (0 with the memory buffer)."""
+        self.stream_publish_seconds = Histogram(
+            "ingest_stream_publish_seconds", "From the first publish of a request to the stream's ack",
+            buckets=_PUBLISH_BUCKETS, registry=r,
+        )
+        self.stream_publish_errors = Counter(
+            "ingest_stream_publish_errors", "Requests the stream did not take: full (503 with Retry-After), "
+            "unavailable (no definite answer in --enqueue-timeout: 503, outcome unknown)", ["reason"], registry=r,
+        )
+        for reason in STREAM_PUBLISH_ERRORS:
+            self.stream_publish_errors.labels(reason)
+        self.stream_publish_duplicates = Counter(
+            "ingest_stream_publish_duplicates", "Publishes the stream had already (a retry after a lost ack)",
+            registry=r,
+        )
+        self.stream_up = Gauge("ingest_stream_up", "1 when the last poll of the stream answered", registry=r)
+        self.stream_messages = Gauge("ingest_stream_messages", "Requests in the stream, not yet stored", registry=r)
+        self.stream_bytes = Gauge("ingest_stream_bytes", "Bytes of the requests in the stream", registry=r)
+        self.stream_capacity_bytes = Gauge(
+            "ingest_stream_capacity_bytes", "The stream's bound in bytes (max_bytes)", registry=r
+        )
+        self.stream_pending = Gauge(
+            "ingest_stream_pending", "Requests in the stream not yet delivered to a writer", registry=r
+        )
+        self.stream_ack_pending = Gauge(
+            "ingest_stream_ack_pending", "Requests delivered to writers and not yet acked (stored)", registry=r
+        )
+        self.stream_redelivered = Gauge(
+            "ingest_stream_redelivered", "Requests delivered more than once and not yet acked", registry=r
+        )
+        self.stream_replicas = Gauge("ingest_stream_replicas", "Replicas the stream is configured with", registry=r)
+        self.stream_replicas_current = Gauge(
+            "ingest_stream_replicas_current", "Replicas of the stream that are current (the leader included)",
+            registry=r,
+        )
 
     def add_clients(self, names: list[str]) -> None:
         """Label values for these clients (bounded: the names in the token file, plus `unknown`)."""

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ingest.messages import Message, Receipt, by_request
+from ingest.messages import CommitTimeout, Message, Receipt, by_request
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # Safe in a URL path, a header and a JSON string without escaping: what request ids look like
@@ -140,6 +140,25 @@ class Ledger:
             for receipt, n in counts.items():
                 receipt.count(unstored=n, error=error)
             self._settle(set(counts))
+
+    def reported(self, request_id: str, received_at: float, *, stored: int, duplicates: int, dead: int,
+                 error: str = "") -> None:
+        """A writer of another process committed this request (a stream buffer's ack=commit)."""
+        with self._lock:
+            receipt = self._open.get(request_id)
+            if receipt is None or receipt.received_at != received_at:
+                return  # settled here already, or another request under the same id
+            receipt.count(stored=stored, duplicates=duplicates, dead=dead, error=error)
+            self._settle([receipt])
+
+    def expire(self, receipt: Receipt, error: str) -> None:
+        """Stop waiting for a report of its commit: its client hears CommitTimeout."""
+        with self._lock:
+            future = receipt.future
+            if future is not None and not future.done():
+                future.set_exception(CommitTimeout(error, stored=receipt.in_database, failed=0))
+            if self._open.get(receipt.id) is receipt:
+                del self._open[receipt.id]
 
     def give_up_requests(self, receipts: Iterable[Receipt], error: str) -> None:
         """Whole requests whose messages were never handed to a consumer (left in the spool)."""

@@ -28,6 +28,7 @@ from ingest.errors import SchemaNotReady, StartupError, first_line
 from ingest.messages import Message
 from ingest.shutdown import Shutdown
 from ingest.spool.writer import KEPT_IN_SPOOL
+from ingest.stream.stage import KEPT_IN_STREAM, StreamStage
 
 __all__ = ["EXIT_DRAIN_TIMEOUT", "EXIT_LISTENER_DIED", "EXIT_OK", "Service", "WorkerSlot"]
 
@@ -45,10 +46,13 @@ ABANDON_AFTER_S = 2.0
 
 
 class Service:
-    def __init__(self, settings: Settings, shutdown: Shutdown | None = None, worker: WorkerSlot | None = None) -> None:
+    def __init__(
+        self, settings: Settings, shutdown: Shutdown | None = None, worker: WorkerSlot | None = None, *,
+        listens: bool = True,
+    ) -> None:
         self.settings = settings
         self.shutdown = shutdown or Shutdown()
-        self.parts = build(settings, self.shutdown, worker)
+        self.parts = build(settings, self.shutdown, worker, listens=listens)
         parts = self.parts
         # The parts the lifecycle (and the tests) use by name.
         self.metrics, self.buffer, self.pool, self.store = parts.metrics, parts.buffer, parts.pool, parts.store
@@ -203,8 +207,8 @@ class Service:
     def _give_up(self, batch: list[Message], why: str) -> int:
         """Accepted messages that will not be stored by this process; returns how many are lost."""
         if batch and self.spool.keeps_unstored:
-            # Not lost: every one of them is still in the spool file.
-            self.ledger.given_up(batch, KEPT_IN_SPOOL)
+            # Not lost: every one of them is still in the spool file (or, unacked, in the stream).
+            self.ledger.given_up(batch, KEPT_IN_STREAM if isinstance(self.spool, StreamStage) else KEPT_IN_SPOOL)
             return 0
         if batch:
             self.metrics.lost.inc(len(batch))

@@ -515,6 +515,9 @@ REQUIRED_ALERTS = {
     "IngestConsumerRestartsClimbing",
     "IngestDbRetriesClimbing",
     "IngestRejectingQueueFull",
+    "IngestStreamNearlyFull",
+    "IngestStreamBacklogGrowing",
+    "IngestStreamReplicasBehind",
 }
 
 
@@ -563,8 +566,14 @@ def test_alert_rules_fire_when_they_should(tmp_path: Path) -> None:
             [silent("IngestQueueNearlyFull", "4m")],
         ),
         (  # received keeps growing, stored is stuck
-            [("ingest_messages_received_total", "0+100x20"), ("ingest_messages_stored_total", "500x20")],
+            [("ingest_messages_received_total", "0+100x20"), ("ingest_messages_stored_total", "500x20"),
+             ("ingest_consumers_configured", "4x20")],
             [silent("IngestNotStoring", "1m"), fires("IngestNotStoring", "3m", page)],
+        ),
+        (  # a stream buffer's listener only (no consumers) stores nothing by design
+            [("ingest_messages_received_total", "0+100x20"), ("ingest_messages_stored_total", "0x20"),
+             ("ingest_consumers_configured", "0x20")],
+            [silent("IngestNotStoring", "4m")],
         ),
         (  # both grow: healthy
             [("ingest_messages_received_total", "0+100x20"), ("ingest_messages_stored_total", "0+100x20")],
@@ -634,6 +643,39 @@ def test_alert_rules_fire_when_they_should(tmp_path: Path) -> None:
         (  # replayed within the day: no alert
             [("ingest_dead_letters_waiting", "2x3000 0x3000")],
             [silent("IngestDeadLettersWaiting", "25h")],
+        ),
+        (  # the stream 90 % full, seen by a listener and a writer alike: one alert; 70 % never fires
+            [("ingest_stream_bytes", "900x20"), ("ingest_stream_capacity_bytes", "1000x20"),
+             ('ingest_stream_bytes{instance="i2", job="ingest"}', "900x20"),
+             ('ingest_stream_capacity_bytes{instance="i2", job="ingest"}', "1000x20")],
+            [silent("IngestStreamNearlyFull", "30s"),
+             fires("IngestStreamNearlyFull", "2m", {"job": "ingest", "severity": "page"})],
+        ),
+        (
+            [("ingest_stream_bytes", "700x20"), ("ingest_stream_capacity_bytes", "1000x20")],
+            [silent("IngestStreamNearlyFull", "4m")],
+        ),
+        (  # with the memory buffer (capacity 0) it never fires
+            [("ingest_stream_bytes", "0x20"), ("ingest_stream_capacity_bytes", "0x20")],
+            [silent("IngestStreamNearlyFull", "4m")],
+        ),
+        (  # ten more requests every 15 s for 15 minutes: fires once the trend has lasted 5 minutes
+            [("ingest_stream_messages", "0+10x60")],
+            [silent("IngestStreamBacklogGrowing", "4m"),
+             fires("IngestStreamBacklogGrowing", "12m", {"job": "ingest", "severity": "ticket"})],
+        ),
+        (  # a steady backlog, or one draining, does not
+            [("ingest_stream_messages", "500x60")],
+            [silent("IngestStreamBacklogGrowing", "14m")],
+        ),
+        (
+            [("ingest_stream_replicas_current", "2x20"), ("ingest_stream_replicas", "3x20")],
+            [silent("IngestStreamReplicasBehind", "30s"),
+             fires("IngestStreamReplicasBehind", "2m", {"job": "ingest", "severity": "page"})],
+        ),
+        (
+            [("ingest_stream_replicas_current", "3x20"), ("ingest_stream_replicas", "3x20")],
+            [silent("IngestStreamReplicasBehind", "4m")],
         ),
         (
             [("ingest_messages_lost_total", "0x4 12x10")],

@@ -95,10 +95,10 @@ def engine(log_dir: Path) -> Engine:
 # ---------------------------------------------------------------- images
 
 
-def prepare(env: dict[str, str]) -> str:
+def prepare(env: dict[str, str], *args: str) -> str:
     """The user's own command, stack/prepare.py: stand-ins where no registry answers, and the
     ingest image, built once. What it printed, or the test fails with what it said."""
-    done = subprocess.run([sys.executable, str(PREPARE)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(PREPARE), *args], capture_output=True, text=True,
                           timeout=BUILD_TIMEOUT_S, env=env, cwd=ROOT)
     if done.returncode != 0:
         raise DockerUnavailable(f"stack/prepare.py exited {done.returncode}:\n{done.stdout}\n{done.stderr}")

@@ -15,9 +15,12 @@ _READY = re.compile(r"ingest ready on (http://\S+)")
 
 
 class ServeProcess:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, *, wait_ready: bool = True) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, *, wait_ready: bool = True, command: str = "serve",
+    ) -> None:
+        """`command`: serve, or write (a stream buffer's writer, also ready once it logs so)."""
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ingest", "serve", "--port", "0", *args],
+            [sys.executable, "-m", "ingest", command, "--port", "0", *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

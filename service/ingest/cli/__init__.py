@@ -1,11 +1,13 @@
-"""The `ingest` command line: serve, push, top, db upgrade, config show, spool status, dead-letters.
+"""The `ingest` command line: serve, write, push, top, db upgrade, stream init, config show, spool status,
+dead-letters.
 
 Settings resolve as flag > environment (INGEST_*) > config file (--config, TOML) > default;
 click does the resolving, Settings validates. Errors a user can cause end in one line on stderr
 and a named exit code, never a traceback: `run` is where that is made so.
 
 One module a command family: serve (the service and its settings), database (admin commands on
-the tables), tools (HTTP clients of a running service); common holds what they share.
+the tables), stream (the NATS stream of --buffer nats:// and its writers), tools (HTTP clients of a
+running service); common holds what they share.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import NoReturn
 
 import click
 
-from ingest.cli import database, serve, tools
+from ingest.cli import database, serve, stream, tools
 from ingest.cli.common import EXIT_FAILURE, EXIT_USAGE, fail
 from ingest.errors import ConfigError, IngestError
 
@@ -34,6 +36,8 @@ main.add_command(serve.spool_group)
 main.add_command(database.db)
 main.add_command(database.dead_letters_group)
 main.add_command(database.requests_group)
+main.add_command(stream.stream_group)
+main.add_command(stream.write)
 main.add_command(tools.push)
 main.add_command(tools.top)
 

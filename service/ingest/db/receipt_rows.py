@@ -38,7 +38,10 @@ _TABLE = requests.name
 _UPDATE = (
     "ON CONFLICT (id) DO UPDATE SET "
     f"accepted = {{greatest}}({_TABLE}.accepted, excluded.accepted), "
-    f"stored = {_TABLE}.stored + excluded.stored, "
+    # Never past what was accepted: a batch written again (a stream's request delivered again after
+    # its writer died between the commit and the ack, a spool's re-send) finds its messages stored
+    # and would otherwise count them twice.
+    f"stored = {{least}}({_TABLE}.stored + excluded.stored, {{greatest}}({_TABLE}.accepted, excluded.accepted)), "
     f"dead_lettered = {_TABLE}.dead_lettered + excluded.dead_lettered, "
     f"client = coalesce({_TABLE}.client, excluded.client) "
     f"WHERE {_TABLE}.client IS NULL OR excluded.client IS NULL OR {_TABLE}.client = excluded.client"
@@ -48,12 +51,12 @@ _UPSERT_POSTGRES = (
     "SELECT id, accepted, stored, dead, to_timestamp(received), client FROM unnest("
     "%s::text[], %s::int[], %s::int[], %s::int[], %s::float8[], %s::text[]) "
     "AS r(id, accepted, stored, dead, received, client) "
-    + _UPDATE.format(greatest="GREATEST")
+    + _UPDATE.format(greatest="GREATEST", least="LEAST")
 )
 _COPY_POSTGRES = f"COPY {_TABLE} (id, accepted, stored, dead_lettered, received_at, client) FROM STDIN"
 _UPSERT_SQLITE = (
     f"INSERT INTO {_TABLE} (id, accepted, stored, dead_lettered, received_at, client) VALUES (?, ?, ?, ?, ?, ?) "
-    + _UPDATE.format(greatest="max")
+    + _UPDATE.format(greatest="max", least="min")
 )
 
 

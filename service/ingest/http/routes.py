@@ -30,7 +30,7 @@ from ingest.http.context import CONFIG, Handler, RouteConfig, error_response
 from ingest.http.decoding import decode, decompress
 from ingest.http.identity import IDEMPOTENCY_HEADER, checked_key, from_field, from_key
 from ingest.http.operations import healthz, openapi, protected_metrics, readyz
-from ingest.messages import Message, WriteFailed
+from ingest.messages import CommitTimeout, Message, WriteFailed
 from ingest.metrics import ANONYMOUS
 from ingest.receipts import REQUEST_ID_HEADER, is_sane
 from ingest.vocabulary import ACK_MODES
@@ -99,6 +99,11 @@ async def _answer(config: RouteConfig, request: web.Request, handler: Handler) -
     except Backpressure as exc:  # 503, or 429 for a client over its rate limit
         metrics.rejected.labels(exc.reason, _label(config, request)).inc(exc.messages)
         response = error_response(exc.status, str(exc), retry_after_s=exc.retry_after_s)
+    except CommitTimeout as exc:  # a stream buffer's writers did not report the commit in time
+        response = error_response(504, f"{exc}; the messages are kept in the stream: the request's receipt "
+                                       "tells when they are stored", {"request": exc.request_id})
+        if exc.request_id is not None:
+            response.headers[REQUEST_ID_HEADER] = exc.request_id
     except WriteFailed as exc:
         detail = {"stored": exc.stored, "failed": exc.failed, "request": exc.request_id}
         response = error_response(500, f"write failed: {exc}", detail)
