@@ -21,7 +21,7 @@ import pytest
 import yaml
 from markdown.extensions.toc import slugify
 
-from support.stack_support import clean_env, free_port
+from support.stack_support import clean_env, free_port, tracked_copy
 from support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,17 +63,6 @@ def test_the_two_set_up_commands_are_given_exactly(name: str) -> None:
     assert subprocess.run(["bash", "-n", str(ROOT / "tests" / "run")]).returncode == 0
 
 
-def _tracked_copy(into: Path) -> Path:
-    """The repository's tracked files (what a fresh clone holds), and nothing else."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for relative in filter(None, listed.decode().split("\0")):
-        source = ROOT / relative
-        if source.is_file():
-            (into / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, into / relative)
-    return into
-
-
 def _exchanges(block: str) -> list[tuple[str, str | None]]:
     """(command, the reply shown under it) for each `curl` line of a block; continuations joined."""
     lines = block.replace("\\\n", " ").splitlines()
@@ -93,7 +82,7 @@ def _first_message_blocks(text: str) -> list[str]:
 def test_readme_and_getting_started_commands_run_in_a_fresh_directory(tmp_path: Path) -> None:
     """The set-up command, word for word, in a copy of the tracked files; then the first messages
     of the README and of the getting-started page, against it, with the replies they show."""
-    fresh = _tracked_copy(tmp_path / "fresh")
+    fresh = tracked_copy(tmp_path / "fresh")
     port = free_port()
     # The command as given; only the port moves (INGEST_PORT), so a busy 8080 cannot fail the test.
     env = clean_env(INGEST_PORT=str(port))

@@ -21,7 +21,7 @@ import pytest
 
 from support.docker_support import docker, engine, engine_contents
 from support.httpclient import request
-from support.stack_support import ROOT, answers, clean_env, free_port
+from support.stack_support import ROOT, answers, clean_env, free_port, tracked_copy
 from support.waiting import wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
@@ -32,18 +32,6 @@ def _readme_stack_commands() -> list[str]:
     blocks = re.findall(r"^```[a-z]*\n(.*?)^```$", (ROOT / "README.md").read_text(), flags=re.S | re.M)
     (block,) = [b for b in blocks if "docker compose" in b]
     return [re.sub(r"\s+#.*$", "", line).strip() for line in block.strip().splitlines()]
-
-
-def _tracked_copy(into: Path) -> Path:
-    """What a fresh clone holds: the repository's tracked files, and nothing else."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for relative in filter(None, listed.decode().split("\0")):
-        source = ROOT / relative
-        if source.is_file():
-            (into / relative).parent.mkdir(parents=True, exist_ok=True)
-            (into / relative).write_bytes(source.read_bytes())
-            (into / relative).chmod(source.stat().st_mode)
-    return into
 
 
 def _images(prefix: str) -> list[str]:
@@ -71,7 +59,7 @@ def test_the_readme_stack_commands_run_in_order_from_an_engine_without_the_image
     commands = _readme_stack_commands()
     assert [c.split()[:3] for c in commands][:2] == [["python3", "stack/prepare.py"], ["docker", "compose", "up"]]
     project = f"newcomer{uuid.uuid4().hex[:8]}"
-    copy = _tracked_copy(tmp_path / project)  # compose names the project after the folder
+    copy = tracked_copy(tmp_path / project)  # compose names the project after the folder
     proxy, prometheus = free_port(), free_port()
     env = clean_env(STACK_IMAGE_PREFIX=namespace, STACK_PROXY_PORT=f"127.0.0.1:{proxy}",
                     STACK_PROMETHEUS_PORT=f"127.0.0.1:{prometheus}")

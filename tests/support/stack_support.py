@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
+import subprocess
 import sys
 import urllib.parse
 from pathlib import Path
@@ -143,3 +145,14 @@ def prometheus_api(base_url: str, path: str, **params: str) -> Any:
     ok = answer.status == 200 and reply["status"] == "success"
     assert ok, f"{path} {params}: {answer.status} {answer.body[:500]!r}"
     return reply["data"]
+
+
+def tracked_copy(into: Path) -> Path:
+    """What a fresh clone holds: the repository's tracked files (modes kept), and nothing else."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for relative in filter(None, listed.decode().split("\0")):
+        source = ROOT / relative
+        if source.is_file():
+            (into / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, into / relative)
+    return into
