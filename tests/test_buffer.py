@@ -104,3 +104,22 @@ def test_close_fails_puts_and_lets_consumers_drain() -> None:
     assert ns(buffer.take(10, 5, 5)) == [0, 1]  # closed: no lingering
     assert buffer.drained()
     assert buffer.take(10, 5, 30) == []  # closed and empty: returns at once
+
+
+def test_put_all_unless_waits_for_room_and_gives_up_at_the_stop_or_the_close() -> None:
+    """The feeders' put (spool and stream): their messages are kept elsewhere, so they wait for room
+    as long as it takes, and give up only when told to stop or when the buffer closes."""
+    buffer = Buffer(2)
+    stop = threading.Event()
+    assert buffer.put_all_unless(msgs(2), stop, 0.01)
+    stop.set()
+    assert not buffer.put_all_unless(msgs(1, 2), stop, 0.01)  # full, and told to stop
+    stop.clear()
+    result: list[bool] = []
+    waiter = threading.Thread(target=lambda: result.append(buffer.put_all_unless(msgs(1, 2), stop, 0.01)))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()  # full: still waiting, through many 0.01 s waits
+    buffer.close()
+    waiter.join(5)
+    assert result == [False]

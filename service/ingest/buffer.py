@@ -63,6 +63,20 @@ class Buffer:
             if len(self._items) < self.capacity:
                 self._not_full.notify()  # pass the baton: there may be room for the next waiter
 
+    def put_all_unless(self, messages: Sequence[Message], stop: threading.Event, wait_s: float) -> bool:
+        """Enqueue all messages, waiting for room as long as it takes, for feeders whose messages
+        are kept elsewhere (a spool, a stream): False once `stop` is set (looked at every `wait_s`)
+        or the buffer closed, and they stay where they are kept."""
+        while True:
+            try:
+                self.put_all(messages, time.monotonic() + wait_s)
+                return True
+            except QueueFull:
+                if stop.is_set():
+                    return False
+            except ShuttingDown:
+                return False
+
     def _check_open(self, count: int) -> None:
         if self._closed:
             raise ShuttingDown("service is shutting down", messages=count)

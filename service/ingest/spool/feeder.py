@@ -24,10 +24,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-import time
 
 from ingest.buffer import Buffer
-from ingest.errors import QueueFull, ShuttingDown
 from ingest.messages import Message, Receipt
 from ingest.receipts import Ledger
 from ingest.spool import file as spool
@@ -121,15 +119,7 @@ class SpoolFeeder(threading.Thread):
         return batch
 
     def _put(self, batch: list[Message]) -> bool:
-        while True:
-            try:
-                self._buffer.put_all(batch, time.monotonic() + WAIT_S)
-                return True
-            except QueueFull:
-                if self._hard_stop.is_set():
-                    return False
-            except ShuttingDown:
-                return False
+        return self._buffer.put_all_unless(batch, self._hard_stop, WAIT_S)
 
     def _receipt(self, row: spool.Row, seen: dict[str, Receipt]) -> Receipt | None:
         """The receipt the listener opened; for a row a previous run left, a new one that only

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from ingest.buffer import Buffer
-from ingest.errors import QueueFull, ShuttingDown, first_line
+from ingest.errors import first_line
 from ingest.messages import Message, Receipt
 from ingest.receipts import Ledger
 from ingest.stream import client, wire
@@ -218,17 +217,9 @@ class StreamFeeder(threading.Thread):
 
     async def _put(self, batch: list[Message], putter: ThreadPoolExecutor) -> bool:
         """Into the buffer as room frees, off the loop (acks and in-progress go on meanwhile);
-        False when the buffer closed or the deadline passed (not acked: delivered again)."""
+        False when the buffer closed or the hard stop came (not acked: delivered again)."""
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                await loop.run_in_executor(putter, self._buffer.put_all, batch, time.monotonic() + PUT_WAIT_S)
-                return True
-            except QueueFull:
-                if self._hard_stop.is_set():
-                    return False
-            except ShuttingDown:
-                return False
+        return await loop.run_in_executor(putter, self._buffer.put_all_unless, batch, self._hard_stop, PUT_WAIT_S)
 
     def _count(self, outcomes: Counter[tuple[int, str]]) -> None:
         for (seq, kind), n in outcomes.items():
