@@ -32,6 +32,7 @@ from aiohttp import web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
 from ingest.errors import NotAListener, StreamFull, StreamUnavailable, first_line
@@ -71,6 +72,7 @@ class StreamIntake:
         self._counter = itertools.count(1)
         self._reply_subject = f"{REPLY_PREFIX}.{self._prefix}"
         self._nc: Client | None = None
+        self._js: JetStreamContext | None = None  # made once with the connection, not per request
         self._drained = Throughput()
         self._status: admin.Status | None = None
         self.unreachable: str | None = "not connected yet"  # why the stream does not answer; None when it does
@@ -83,6 +85,7 @@ class StreamIntake:
         close after the last response."""
         nc = await client.connect(self._spec.servers, "ingest-listener" if self._accepting else "ingest-writer")
         self._nc = nc
+        self._js = nc.jetstream()
         if self._accepting:
             await nc.subscribe(self._reply_subject, cb=self._on_reply)
         poll = asyncio.create_task(self._poll(nc), name="stream-poll")
@@ -98,7 +101,6 @@ class StreamIntake:
         if not self._accepting:
             raise NotAListener("this is a writer (ingest write): send messages to a listener (ingest serve)",
                                messages=len(batch))
-        nc = self._nc
         receipt = batch[0].receipt
         waited_on = receipt is not None and receipt.future is not None
         data, headers = wire.encode(batch, f"{self._prefix}:{next(self._counter)}",
@@ -106,7 +108,7 @@ class StreamIntake:
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self._enqueue_timeout_s
-        js = nc.jetstream() if nc is not None else None
+        js = self._js
         last = "not connected"
         while js is not None:
             remaining = deadline - loop.time()
