@@ -178,6 +178,24 @@ def test_spool_status_lists_every_file_of_a_directory_and_its_owner(make_service
     assert "orphaned 7" in lines and "files    2" in lines
 
 
+def test_spool_status_leaves_out_a_file_gone_since_the_listing_and_shows_a_starting_one_empty(tmp_path) -> None:
+    """Seen under Docker: an adopter removed a file between the listing and its reading, and the
+    status called it unreadable ("no such file") and exited 1."""
+    removed, starting = tmp_path / "spool-adopted.db", tmp_path / "spool-starting.db"
+    lock = spool.claim(starting)  # a process that took its lock ...
+    try:
+        starting.touch()  # ... and whose file SQLite has not yet written
+        assert directory._entry(removed) is None
+        entry = directory._entry(starting)
+        assert entry is not None and entry.owned and entry.status == directory.EMPTY
+        assert entry.format() == "spool-starting.db  owned by a live process  messages 0  bytes 0"
+    finally:
+        lock.close()
+    starting.write_bytes(b"not a spool, long enough to be read as one" * 4)
+    broken = directory._entry(starting)
+    assert broken is not None and broken.status is None and broken.error, "a damaged file stays an error"
+
+
 @pytest.fixture
 def read_only_view(tmp_path: Path):  # type: ignore[no-untyped-def]
     """tmp_path/ro: a read-only bind mount of tmp_path/rw (tests run as root; root ignores modes)."""

@@ -98,6 +98,9 @@ def gone(path: Path) -> bool:
         return True
 
 
+EMPTY = spool.Status(messages=0, bytes=0, first_seq=0, last_seq=0, oldest_received_at=None)
+
+
 @dataclass(frozen=True)
 class Entry:
     """One file of a spool directory, as `ingest spool status` shows it."""
@@ -115,15 +118,26 @@ class Entry:
 
 
 def entries(directory: Path) -> Iterator[Entry]:
-    """What each file holds and whether a live process owns it, opened read-only."""
+    """What each file holds and whether a live process owns it, opened read-only. A file that
+    goes between the listing and its reading (adopted and removed, or its owner stopped
+    cleanly) is left out: it holds nothing any more."""
     for path in spool_files(directory):
-        is_owned = owned(path)
-        try:
-            conn = spool.open_spool(path, create=False, writable=False)
-        except SpoolError as exc:
-            yield Entry(path, is_owned, None, str(exc).removeprefix(f"spool {path}: "))
-            continue
-        try:
-            yield Entry(path, is_owned, spool.status(conn))
-        finally:
-            conn.close()
+        entry = _entry(path)
+        if entry is not None:
+            yield entry
+
+
+def _entry(path: Path) -> Entry | None:
+    is_owned = owned(path)
+    try:
+        conn = spool.open_spool(path, create=False, writable=False)
+    except SpoolError as exc:
+        if not path.exists():
+            return None
+        if gone(path):  # created, not yet written: its process is starting
+            return Entry(path, is_owned, EMPTY)
+        return Entry(path, is_owned, None, str(exc).removeprefix(f"spool {path}: "))
+    try:
+        return Entry(path, is_owned, spool.status(conn))
+    finally:
+        conn.close()
