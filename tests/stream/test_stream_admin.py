@@ -61,3 +61,24 @@ def test_buffer_with_spool_is_a_settings_error(tmp_path) -> None:
     serve = ingest("serve", "--buffer", "nats://127.0.0.1:1", "--spool", str(tmp_path / "spool.db"))
     assert serve.returncode == 2
     assert "give --buffer nats://... or --spool, not both" in serve.stderr
+
+
+def test_init_waits_for_a_cluster_that_has_not_formed(nats_cluster: NatsCluster) -> None:
+    """Seen under Docker: compose started `stream init` once the servers answered their health
+    check, before the cluster could do JetStream work, and init exited 1 (taking the stack's
+    `up` with it). Here two of three servers are down: no quorum, so no meta leader."""
+    for name in ("n2", "n3"):
+        nats_cluster.node(name).stop()
+    init = subprocess.Popen([sys.executable, "-m", "ingest", "stream", "init", "--buffer", nats_cluster.urls],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert init.stderr is not None
+        first = init.stderr.readline()  # blocks until init says something (or ends)
+        assert "the cluster is not ready yet, trying again" in first, first
+        for name in ("n2", "n3"):
+            nats_cluster.node(name).start()
+        out, err = init.communicate(timeout=90)
+    finally:
+        init.kill()
+    assert init.returncode == 0, err
+    assert "stream INGEST: created" in out and "consumer writers: created" in out

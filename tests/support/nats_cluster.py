@@ -144,4 +144,4 @@ def init_stream(cluster: NatsCluster, **overrides: object) -> list[str]:
     """`ingest stream init` on the cluster: its defaults but a short ack wait (a redelivery
     takes seconds, not a minute), and `overrides`."""
     values: dict[str, object] = {"buffer": cluster.urls, "stream_ack_wait_s": 3.0, **overrides}
-    return admin.init(stream_spec(Settings.from_mapping(values)))
+    return admin.init(stream_spec(Settings.from_mapping(values)), lambda _reason: None)

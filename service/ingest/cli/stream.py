@@ -44,7 +44,10 @@ def stream_init(**values: Any) -> None:
     from ingest.builder import stream_spec
     from ingest.stream import admin
 
-    for line in admin.init(stream_spec(_stream_settings(values))):
+    def waiting(reason: str) -> None:
+        click.echo(f"ingest: {reason}", err=True)
+
+    for line in admin.init(stream_spec(_stream_settings(values)), waiting):
         click.echo(line)
 
 

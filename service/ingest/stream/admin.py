@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
+from nats.js.errors import APIError
 
 from ingest.errors import StartupError, first_line
 from ingest.stream import client
@@ -21,6 +23,26 @@ from ingest.stream.spec import DURABLE, StreamSpec
 
 T = TypeVar("T")
 INIT_HINT = "run `ingest stream init`"
+# How long `stream init` waits for a cluster that is still forming (servers just started: no
+# meta leader yet, or not all peers known), saying so each time it tries again.
+INIT_WAIT_S = 60.0
+INIT_RETRY_S = 1.0
+# JetStream's answers while a cluster forms or elects: 503 "temporarily unavailable", and for an
+# R=3 stream before three peers are known (or while one is offline) "no suitable peers for
+# placement" and "insufficient resources".
+_FORMING_ERR_CODES = frozenset({10005, 10008, 10023})
+
+
+class NotReady(StartupError):
+    """The cluster answers, but cannot do JetStream work yet (forming, electing, quorum lost)."""
+
+
+def _not_ready(exc: BaseException) -> bool:
+    if isinstance(exc, (TimeoutError, NoRespondersError)):
+        return True
+    if isinstance(exc, APIError):
+        return exc.code == 503 or exc.err_code in _FORMING_ERR_CODES
+    return isinstance(exc, client.Unavailable)
 
 
 def _run(spec: StreamSpec, work: Callable[[Client], Awaitable[T]], name: str) -> T:
@@ -31,16 +53,28 @@ def _run(spec: StreamSpec, work: Callable[[Client], Awaitable[T]], name: str) ->
         try:
             return await work(nc)
         except (NatsError, TimeoutError, RuntimeError) as exc:
-            raise StartupError(f"stream {spec.name}: {first_line(exc)}") from None
+            reason = first_line(exc) or type(exc).__name__
+            error = NotReady if _not_ready(exc) else StartupError
+            raise error(f"stream {spec.name}: {reason}") from None
         finally:
             await nc.close()
 
     return asyncio.run(session())
 
 
-def init(spec: StreamSpec) -> list[str]:
-    """Create or update the stream and its consumer; what was done, a line each."""
-    return _run(spec, lambda nc: _init(nc, spec), "ingest-stream-init")
+def init(spec: StreamSpec, waiting: Callable[[str], None], wait_s: float = INIT_WAIT_S) -> list[str]:
+    """Create or update the stream and its consumer; what was done, a line each. A cluster still
+    forming is waited for (up to `wait_s`, `waiting` told why each time): compose starts
+    `stream init` as soon as the servers answer their health check, before they have elected."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _run(spec, lambda nc: _init(nc, spec), "ingest-stream-init")
+        except NotReady as exc:
+            if time.monotonic() + INIT_RETRY_S > deadline:
+                raise StartupError(f"{exc} (the cluster was not ready within {wait_s:g} s)") from None
+            waiting(f"{exc}: the cluster is not ready yet, trying again")
+            time.sleep(INIT_RETRY_S)
 
 
 async def _init(nc: Client, spec: StreamSpec) -> list[str]:

@@ -29,6 +29,10 @@ class Missing(Exception):
     """The stream or its consumer does not exist."""
 
 
+class Unavailable(RuntimeError):
+    """JetStream answered 503: no meta leader or stream leader just now (forming, electing)."""
+
+
 async def connect(servers: list[str], name: str, *, retry: bool = True) -> Client:
     """Connected to one of the servers; reconnecting for ever (`retry`) once connected."""
 
@@ -74,6 +78,8 @@ async def api(nc: Client, subject: str, timeout_s: float = API_TIMEOUT_S) -> dic
     if error is not None:
         if error.get("code") == 404:
             raise Missing(str(error.get("description", "not found")))
+        if error.get("code") == 503:
+            raise Unavailable(f"JetStream API {subject}: {error.get('description', error)}")
         raise RuntimeError(f"JetStream API {subject}: {error.get('description', error)}")
     return answer
 
