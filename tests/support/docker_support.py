@@ -135,8 +135,17 @@ class Stack:
         return f"http://127.0.0.1:{self.ports['prometheus']}"
 
     def compose(self, *args: str, timeout_s: float = 300.0, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return docker("compose", "-p", self.project, "-f", str(COMPOSE_FILE), *args,
-                      timeout_s=timeout_s, check=check, env=self.env)
+        try:
+            return docker("compose", "-p", self.project, "-f", str(COMPOSE_FILE), *args,
+                          timeout_s=timeout_s, check=check, env=self.env)
+        except AssertionError as exc:
+            if "up" not in args:
+                raise
+            # An `up` that failed says only which service did: what its containers printed says why.
+            files = [arg for n, arg in enumerate(args) if n and args[n - 1] == "-f"]
+            logs = docker("compose", "-p", self.project, "-f", str(COMPOSE_FILE), *(f for path in files
+                          for f in ("-f", path)), "logs", "--no-color", "--tail", "20", check=False, env=self.env)
+            raise AssertionError(f"{exc}\nthe containers' last lines:\n{logs.stdout}{logs.stderr}") from None
 
     def containers(self, service: str, *, all_states: bool = False) -> list[str]:
         args = ["ps", "-q", *(["-a"] if all_states else []), service]
