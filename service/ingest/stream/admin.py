@@ -33,7 +33,7 @@ INIT_RETRY_S = 1.0
 _FORMING_ERR_CODES = frozenset({10005, 10008, 10023})
 
 
-class NotReady(StartupError):
+class StreamNotReady(StartupError):
     """The cluster answers, but cannot do JetStream work yet (forming, electing, quorum lost)."""
 
 
@@ -54,7 +54,7 @@ def _run(spec: StreamSpec, work: Callable[[Client], Awaitable[T]], name: str) ->
             return await work(nc)
         except (NatsError, TimeoutError, RuntimeError) as exc:
             reason = first_line(exc) or type(exc).__name__
-            error = NotReady if _not_ready(exc) else StartupError
+            error = StreamNotReady if _not_ready(exc) else StartupError
             raise error(f"stream {spec.name}: {reason}") from None
         finally:
             await nc.close()
@@ -70,7 +70,7 @@ def init(spec: StreamSpec, waiting: Callable[[str], None], wait_s: float = INIT_
     while True:
         try:
             return _run(spec, lambda nc: _init(nc, spec), "ingest-stream-init")
-        except NotReady as exc:
+        except StreamNotReady as exc:
             if time.monotonic() + INIT_RETRY_S > deadline:
                 raise StartupError(f"{exc} (the cluster was not ready within {wait_s:g} s)") from None
             waiting(f"{exc}: the cluster is not ready yet, trying again")
