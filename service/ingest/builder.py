@@ -94,6 +94,7 @@ class Parts:
     ledger: Ledger
     consumer_names: list[str]
     make_consumer: MakeConsumer
+    database_open: threading.Event
     supervisor: Supervisor
     enqueue: ThreadPoolExecutor
     lookups: ThreadPoolExecutor
@@ -129,7 +130,8 @@ def build(settings: Settings, shutdown: Shutdown, worker: WorkerSlot | None = No
     else:
         spool, intake = _spool_and_intake(settings, shutdown, buffer, ledger, throughput, enqueue)
     after_commit = _after_commit(throughput, spool)
-    make_consumer = _consumer_factory(settings, shutdown, buffer, store, metrics, ledger, after_commit)
+    database_open = threading.Event()  # the database gate (db/gate.py): set once the start's check passed
+    make_consumer = _consumer_factory(settings, shutdown, buffer, store, metrics, ledger, after_commit, database_open)
     supervisor = Supervisor(make_consumer, metrics.thread_errors, metrics.consumer_restarts,
                             {"listener", *consumer_names})
     guard = ConnectionGuard(
@@ -177,7 +179,8 @@ def build(settings: Settings, shutdown: Shutdown, worker: WorkerSlot | None = No
     parts = Parts(
         settings=settings, shutdown=shutdown, metrics=metrics, tokens=tokens, buffer=buffer, pool=pool, store=store,
         spool=spool, throughput=throughput, ledger=ledger, consumer_names=consumer_names,
-        make_consumer=make_consumer, supervisor=supervisor, enqueue=enqueue, lookups=lookups, guard=guard,
+        make_consumer=make_consumer, database_open=database_open, supervisor=supervisor,
+        enqueue=enqueue, lookups=lookups, guard=guard,
         listener=listener, scheme="https" if ssl_context is not None else "http",
         unprotected_warning=unprotected_warning, health=health, chores=chores,
     )
@@ -246,12 +249,13 @@ def _listener(
 
 def _consumer_factory(
     settings: Settings, shutdown: Shutdown, buffer: Buffer, store: Store, metrics: Metrics, ledger: Ledger,
-    after_commit: Callable[[list[Message], WriteResult], None],
+    after_commit: Callable[[list[Message], WriteResult], None], database_open: threading.Event,
 ) -> MakeConsumer:
     def make(name: str, startup: threading.Barrier | None = None) -> ConsumerThread:
         return ConsumerThread(
             name, buffer=buffer, store=store, metrics=metrics, ledger=ledger, batch_size=settings.batch_size,
-            linger_s=settings.batch_linger_s, hard_stop=shutdown.hard_stop, startup=startup, after_commit=after_commit,
+            linger_s=settings.batch_linger_s, hard_stop=shutdown.hard_stop, startup=startup,
+            database_open=database_open, after_commit=after_commit,
         )
 
     return make

@@ -40,6 +40,7 @@ class ConsumerThread(threading.Thread):
         linger_s: float,
         hard_stop: threading.Event,
         startup: threading.Barrier | None = None,
+        database_open: threading.Event | None = None,
         idle_wait_s: float = 0.5,
         after_commit: Callable[[list[Message], WriteResult], None] | None = None,
     ) -> None:
@@ -52,6 +53,7 @@ class ConsumerThread(threading.Thread):
         self._linger_s = linger_s
         self._hard_stop = hard_stop
         self._startup = startup
+        self._database_open = database_open  # the database gate (db/gate.py); None: always open
         self._idle_wait_s = idle_wait_s
         self._after_commit = after_commit  # told of messages now in the database (the spool deletes them)
         self.startup_error: str | None = None
@@ -65,11 +67,21 @@ class ConsumerThread(threading.Thread):
         return f"ConsumerThread({self.name}, alive={self.is_alive()}, holding={len(self._held)})"
 
     def run(self) -> None:
-        if self._startup is None or self._prepare(self._startup):
+        if (self._startup is None or self._prepare(self._startup)) and self._wait_for_database():
             while not self._hard_stop.is_set():
                 if not self.step() and self._buffer.drained():
                     break
         self.finished = True
+
+    def _wait_for_database(self) -> bool:
+        """At the gate of a service that started while the database was away (with a spool, which
+        keeps what is accepted meanwhile). False: the service stopped before it ever answered."""
+        if self._database_open is None:
+            return True
+        while not self._database_open.wait(self._idle_wait_s):
+            if self._hard_stop.is_set() or self._buffer.drained():
+                return False
+        return True
 
     def _prepare(self, startup: threading.Barrier) -> bool:
         """Check the database, then meet the main thread; a failure aborts the start."""

@@ -25,6 +25,8 @@
     ├── SpoolError                  a spool file that is damaged, foreign or of another version
     ├── SchemaNotReady              the database is not at this ingest's schema revision
     ├── StartupError                the service could not start (bind, database, schema)
+    │   ├── DatabaseUnreachable     the database did not answer at start (with a spool: waited for)
+    │   └── StreamNotReady          (stream/admin.py) the NATS cluster cannot do JetStream work yet
     └── ClientError                 `ingest push` / `ingest top` could not reach or use a service
 
 Each refusal names its `reason` (the label of ingest_messages_rejected_total; vocabulary.py reads
@@ -169,6 +171,11 @@ class SchemaNotReady(IngestError):
 
 class StartupError(IngestError):
     """The service could not start; the message says what to fix."""
+
+
+class DatabaseUnreachable(StartupError):
+    """The database did not answer the start's migration or schema check. With a spool the
+    service starts anyway, accepting into the spool, and storing begins once it answers."""
 
 
 class ClientError(IngestError):

@@ -1,9 +1,11 @@
 """The Service: the order in which a built service's parts start and stop (builder.py builds them).
 
 Start: open the spool (if any) → migrate → consumers check the database and meet at a Barrier →
-       spool writer and feeder start → listener binds → ready.
+       spool writer and feeder start → listener binds → ready. With a spool, a database that
+       does not answer the migration does not stop the start: the consumers wait at the database
+       gate (db/gate.py) instead, and the rest starts, accepting into the spool.
 Run:   the main thread waits on the `stopping` Event and, between waits, replaces dead threads
-       and does its chores (chores.py), none of which waits on the database.
+       and does its chores (chores.py) and the gate's retries, none of which waits on the database.
 Stop:  refuse new requests (503) → the spool commits what it was handed and the feeder feeds all
        of it → close the buffer → consumers drain and commit (bounded by the drain deadline:
        past it their connections are cut, and ABANDON_AFTER_S later any consumer the database
@@ -24,17 +26,19 @@ from ingest.builder import WorkerSlot, build
 from ingest.config import Settings
 from ingest.consumers import ConsumerThread
 from ingest.db import migrate
-from ingest.errors import SchemaNotReady, StartupError, first_line
+from ingest.db.gate import DatabaseGate
+from ingest.errors import DatabaseUnreachable, SchemaNotReady, StartupError, first_line
 from ingest.messages import Message
 from ingest.shutdown import Shutdown
 from ingest.spool.writer import KEPT_IN_SPOOL
 from ingest.stream.stage import KEPT_IN_STREAM, StreamStage
 
-__all__ = ["EXIT_DRAIN_TIMEOUT", "EXIT_LISTENER_DIED", "EXIT_OK", "Service", "WorkerSlot"]
+__all__ = ["EXIT_DRAIN_TIMEOUT", "EXIT_LISTENER_DIED", "EXIT_OK", "EXIT_START_FAILED", "Service", "WorkerSlot"]
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
+EXIT_START_FAILED = 1  # as a failed start: the database answered the gate with the wrong schema
 EXIT_DRAIN_TIMEOUT = 3  # the drain deadline passed: some accepted messages were not stored
 EXIT_LISTENER_DIED = 4  # the listener, the spool writer or the spool feeder died
 
@@ -60,6 +64,7 @@ class Service:
         self.supervisor, self.listener, self.health, self.chores = (
             parts.supervisor, parts.listener, parts.health, parts.chores
         )
+        self.gate = DatabaseGate(self._migrate, parts.database_open)
         self.port: int | None = None
         self._stopped = False
 
@@ -77,8 +82,8 @@ class Service:
         self.supervisor.install()
         try:
             self.spool.open()
-            self._migrate()
-            self._start_consumers()
+            checked = self._check_database()
+            self._start_consumers(checked)
             self.spool.start()
             self._start_listener()
         except BaseException:
@@ -87,8 +92,23 @@ class Service:
         self.health.started.set()
         if self.parts.unprotected_warning is not None:
             log.warning("%s", self.parts.unprotected_warning)
-        log.info("ingest ready on %s (%s, %d consumers, %s loop)", self.url, self.pool.dialect,
-                 self.settings.consumers, self.listener.event_loop)
+        log.info("ingest ready on %s (%s, %d consumers, %s loop)%s", self.url, self.pool.dialect,
+                 self.settings.consumers, self.listener.event_loop,
+                 "" if checked else "; accepting into the spool, storing once the database answers")
+
+    def _check_database(self) -> bool:
+        """Migrate and check the schema; False when the database did not answer and a spool keeps
+        what is accepted meanwhile (the gate then keeps trying)."""
+        try:
+            self._migrate()
+        except DatabaseUnreachable as exc:
+            if not self.spool.keeps_unstored:
+                raise
+            log.warning("%s: starting anyway; what is accepted waits in the spool until it answers", exc)
+            self.gate.wait_for_database(str(exc))
+            return False
+        self.gate.opened.set()
+        return True
 
     def _migrate(self) -> None:
         """Upgrade the schema (unless --no-migrate), then insist it is the one this code writes."""
@@ -101,14 +121,18 @@ class Service:
             raise StartupError(f"database {exc}: run `ingest db upgrade` or start without --no-migrate") from None
         except Exception as exc:
             doing = "migrate" if self.settings.migrate else "read the schema revision of"
-            raise StartupError(f"cannot {doing} the database: {first_line(exc)}") from exc
+            raise DatabaseUnreachable(f"cannot {doing} the database: {first_line(exc)}") from exc
 
-    def _start_consumers(self) -> None:
-        startup = threading.Barrier(self.settings.consumers + 1)
+    def _start_consumers(self, checked: bool) -> None:
+        """Each consumer checks the database and meets the others at a Barrier; unless the
+        database did not answer (`checked` False): then they wait at the gate instead."""
+        startup = threading.Barrier(self.settings.consumers + 1) if checked else None
         consumers = [self.parts.make_consumer(name, startup) for name in self.parts.consumer_names]
         self.supervisor.adopt(consumers)
         for consumer in consumers:
             consumer.start()
+        if startup is None:
+            return
         try:
             startup.wait(STARTUP_TIMEOUT_S)
         except threading.BrokenBarrierError:
@@ -138,6 +162,12 @@ class Service:
                 return EXIT_LISTENER_DIED
             self.supervisor.check()
             self.chores.tick()
+            wrong = self.gate.tick()
+            if wrong is not None:
+                log.critical("the database answered at last, but %s; shutting down", wrong)
+                self.shutdown.stopping.set()
+                self.stop()
+                return EXIT_START_FAILED
         return self.stop()
 
     # -- stop --------------------------------------------------------------------------------
@@ -166,6 +196,7 @@ class Service:
             # Left behind, not waited for: a lookup stuck connecting to a silent database holds no data.
             self.parts.lookups.shutdown(wait=False, cancel_futures=True)
             self.chores.close()
+            self.gate.close()
             self.pool.dispose()
             self.supervisor.uninstall()
         if self.health.started.is_set():

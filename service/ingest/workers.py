@@ -58,6 +58,7 @@ class Workers:
         self._started_at: dict[int, float] = {}
         self._restarts = 0
         self._stopping = threading.Event()
+        self._workers_migrate = False
 
     def __repr__(self) -> str:
         alive = sum(p.is_alive() for p in self._processes.values())
@@ -67,7 +68,9 @@ class Workers:
         """Start, supervise until a signal, stop; the exit code of `ingest serve`."""
         self._install_signal_handlers()
         try:
-            self._migrate()
+            # Workers migrate only when this could not: the database was away, and a spool keeps
+            # what they accept meanwhile (replacements too: the database may still be away).
+            self._workers_migrate = self.settings.migrate and not self._migrate()
             for index in range(self.settings.workers):
                 self._spawn(index)
             self._wait_ready()
@@ -84,10 +87,14 @@ class Workers:
         finally:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
-    def _migrate(self) -> None:
+    def _migrate(self) -> bool:
         """Once, here: N workers migrating at once would race each other. Then one connection
         through the pool's set-up, so a SQLite file is in WAL mode before any worker opens it
-        (switching takes a lock the workers would otherwise fight over at start)."""
+        (switching takes a lock the workers would otherwise fight over at start).
+
+        False: the database did not answer, and with a spool the workers start anyway, each
+        accepting into its spool and migrating at its database gate once it answers (a
+        migration that loses the race to another worker's rolls back and is tried again)."""
         pool = ConnectionPool(self.settings.db_url, 1)
         try:
             if self.settings.migrate:
@@ -97,14 +104,20 @@ class Workers:
         except SchemaNotReady as exc:
             raise StartupError(f"database {exc}: run `ingest db upgrade` or start without --no-migrate") from None
         except Exception as exc:
-            raise StartupError(f"cannot prepare the database: {first_line(exc)}") from exc
+            if self.settings.spool is None:
+                raise StartupError(f"cannot prepare the database: {first_line(exc)}") from exc
+            log.warning("cannot prepare the database: %s: starting the workers anyway; what they accept waits "
+                        "in their spools until it answers", first_line(exc))
+            return False
         finally:
             pool.dispose()
+        return True
 
     def _spawn(self, index: int) -> None:
         slot = WorkerSlot(index, self._socket_dir, self._restarts, self._all_started)
+        settings = replace(self.settings, migrate=self._workers_migrate)
         process = self._context.Process(
-            target=_worker_main, args=(replace(self.settings, migrate=False), slot, self._reports, os.getpid()),
+            target=_worker_main, args=(settings, slot, self._reports, os.getpid()),
             name=f"worker-{index}", daemon=False,
         )
         process.start()
