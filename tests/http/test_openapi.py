@@ -24,6 +24,10 @@ DOC = json.loads(OPENAPI.read_text())
 TOKEN = "client-token-0123456789"
 
 
+# With --buffer nats:// only: a writer's 404 and ack=commit's 504, produced by
+# tests/stream/test_stream_service.py (a real NATS cluster).
+STREAM_ONLY = {404, 504}
+
 def test_the_document_is_served_and_is_the_shipped_file(make_service) -> None:
     service = make_service()
     reply = request(f"{service.url}/openapi.json")
@@ -75,7 +79,7 @@ def test_every_status_documented_for_post_messages_is_produced(make_service, pos
     }
     for _ in range(20):  # past the burst of 500
         seen.add(post(b"[" + b"{}," * 99 + b"{}]", json_type))
-    documented = {int(code) for code in DOC["paths"]["/messages"]["post"]["responses"]}
+    documented = {int(code) for code in DOC["paths"]["/messages"]["post"]["responses"]} - STREAM_ONLY
     assert seen == documented, f"documented but not produced: {documented - seen}; produced: {seen - documented}"
 
 
