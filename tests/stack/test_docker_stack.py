@@ -323,25 +323,34 @@ def test_a_stop_right_after_start_is_not_lost(stack: Stack) -> None:
 
 def test_a_killed_replica_keeps_what_it_acknowledged_in_its_spool(stack: Stack) -> None:
     """SIGKILL while the database is away: the 202s were on the shared spool volume, and the
-    same container, restarted, adopts and stores them (any other replica would, too)."""
+    same container, restarted while the database is still away, accepts again and adopts them
+    (any other replica would, too); all are stored once the database is back."""
     (container,) = stack.containers("ingest")
     run = uuid.uuid4().hex
-    stack.compose("pause", "postgres")  # writes stall; acknowledged messages wait in the spool
-    try:
-        for i in range(20):
+
+    def push(first: int) -> None:
+        for i in range(first, first + 20):
             reply = request(f"{stack.proxy_url}/messages", "POST", _ndjson(range(i * 50, i * 50 + 50), run),
                             _headers(stack))
             assert reply.status == 202, reply.body
+
+    stack.compose("pause", "postgres")  # writes stall; acknowledged messages wait in the spool
+    try:
+        push(0)
         docker("kill", "-s", "KILL", container)
+        docker("start", container)
+        # Restarted, it is a new process with a spool file of its own: it starts without the
+        # database (db/gate.py), accepts, and adopts the file it left.
+        wait_until(lambda: "(its process is gone)" in docker("logs", container).stderr, 120,
+                   "the restarted replica to adopt its old spool")
+        wait_until(lambda: request(f"{stack.proxy_url}/healthz").status == 200, 60, "the proxy to reach it again")
+        push(20)
+        assert "starting anyway" in docker("logs", container).stderr
     finally:
         stack.compose("unpause", "postgres")
-    docker("start", container)
-    # Restarted, it is a new process with a spool file of its own: it adopts the one it left.
-    wait_until(lambda: "(its process is gone)" in docker("logs", container).stderr, 120,
-               "the restarted replica to adopt its old spool")
     count = f"SELECT count(DISTINCT (payload->>'seq')::int) FROM messages WHERE payload->>'run' = '{run}'"
-    wait_until(lambda: stack.sql(count) == "1000", 120, "all 1,000 acknowledged messages stored")
-    assert stack.sql(f"SELECT count(*) FROM messages WHERE payload->>'run' = '{run}'") == "1000"
+    wait_until(lambda: stack.sql(count) == "2000", 120, "all 2,000 acknowledged messages stored")
+    assert stack.sql(f"SELECT count(*) FROM messages WHERE payload->>'run' = '{run}'") == "2000"
     wait_until(lambda: _healthy(stack, "ingest", 1), 120, "the replica healthy again")
 
 
