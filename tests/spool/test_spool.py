@@ -23,7 +23,7 @@ from sqlalchemy import text
 from ingest.spool import file as spool
 from ingest.spool.writer import SpoolWriter
 from support.httpclient import request
-from support.probes import count_rows, metric
+from support.probes import count_rows, metric, metric_text
 from support.serving import serving
 from support.tcpproxy import TcpProxy
 from support.waiting import wait_until
@@ -107,13 +107,6 @@ def test_every_202_survives_kill_9_and_is_stored_exactly_once(
     seqs, rows = _stored_seqs(engine)
     assert acked <= seqs
     assert rows == len(seqs), f"{rows - len(seqs)} message(s) stored twice"
-
-
-def metric_text(url: str, name: str) -> float:
-    for line in request(f"{url}/metrics").body.decode().splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not exported")
 
 
 def test_a_crash_between_the_commit_and_the_spool_delete_stores_nothing_twice(

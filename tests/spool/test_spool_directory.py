@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import text
 
 # The pushing and counting helpers of the spool's own tests (same directory, on sys.path).
-from test_spool import _post, _pusher, _stored_seqs, _via, metric_text
+from test_spool import _post, _pusher, _stored_seqs, _via
 
 from ingest.messages import Message, Receipt
 from ingest.spool import directory
@@ -29,7 +29,7 @@ from ingest.spool import file as spool
 from ingest.spool.adopter import SpoolAdopter
 from ingest.spool.writer import SpoolWriter
 from support.httpclient import request
-from support.probes import count_rows, metric
+from support.probes import count_rows, metric, metric_text
 from support.serving import serving
 from support.tcpproxy import TcpProxy
 from support.waiting import wait_until

@@ -6,6 +6,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from ingest.service import Service
+from support.httpclient import request
 
 
 def count_rows(engine: Engine, table: str = "messages") -> int:
@@ -17,3 +18,11 @@ def metric(service: Service, name: str, labels: dict[str, str] | None = None) ->
     value = service.metrics.registry.get_sample_value(name, labels or {})
     assert value is not None, f"no sample {name}{labels or ''}"
     return value
+
+
+def metric_text(url: str, name: str) -> float:
+    """An unlabelled sample off a running process's /metrics (another process: no registry)."""
+    for line in request(f"{url}/metrics").body.decode().splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
