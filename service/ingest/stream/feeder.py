@@ -77,8 +77,10 @@ class StreamFeeder(threading.Thread):
     def __init__(
         self, spec: StreamSpec, buffer: Buffer, *, ledger: Ledger, hard_stop: threading.Event,
         database_failing: Callable[[], bool],
+        new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
     ) -> None:
         super().__init__(name="stream-feeder", daemon=False)
+        self._new_loop = new_loop  # the listener's kind (--event-loop): uvloop takes less CPU a delivery
         self._spec = spec
         self._buffer = buffer
         self._ledger = ledger
@@ -129,7 +131,8 @@ class StreamFeeder(threading.Thread):
 
     def run(self) -> None:
         try:
-            asyncio.run(self._main())
+            with asyncio.Runner(loop_factory=self._new_loop) as runner:
+                runner.run(self._main())
         finally:
             self.fetching_done.set()
 
