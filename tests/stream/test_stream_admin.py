@@ -31,7 +31,7 @@ def test_init_creates_then_leaves_then_updates(nats_cluster: NatsCluster) -> Non
     status = ingest("stream", "status", "--buffer", nats_cluster.urls)
     assert status.returncode == 0, status.stderr
     lines = dict(line.split(":", 1) for line in status.stdout.splitlines()[1:])
-    assert lines["  messages (requests)"].strip() == "0"
+    assert lines["  messages"].strip() == "0 (each one or more whole requests)"
     assert lines["  bytes"].strip().startswith("0 of 2000000")
     assert lines["  replicas current"].strip() == "3 of 3"
     assert lines["  leader"].strip() in {"n1", "n2", "n3"}
