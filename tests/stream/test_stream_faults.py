@@ -84,6 +84,14 @@ def first_delivery_offered(cluster: NatsCluster) -> bool:
     return asyncio.run(fetch())
 
 
+def in_writer(url: str) -> int:
+    """Messages a writer has taken from the stream: waiting in its buffer, or taken by a consumer
+    (a batch is counted when taken, once, whatever its retries)."""
+    samples = dict(line.rsplit(" ", 1) for line in request(url + "/metrics").body.decode().splitlines()
+                   if line.startswith(("ingest_queue_depth ", "ingest_batch_size_sum ")))
+    return int(float(samples.get("ingest_queue_depth", "0")) + float(samples.get("ingest_batch_size_sum", "0")))
+
+
 def post_keyed(url: str, message: dict[str, int], key: str) -> Reply:
     body = json.dumps(message).encode()
     return request(f"{url}/messages", "POST", body, {"Content-Type": "application/json", "Idempotency-Key": key})
@@ -195,7 +203,10 @@ def test_a_writer_killed_after_its_commit_and_before_its_ack(
     try:
         database.freeze()
         ids = [post_ndjson(listener.url, [{"r": r, "i": i} for i in range(10)]).json()["request"] for r in range(5)]
-        wait_until(lambda: status(stream_ready).ack_pending == 5, 15, "the writer holding the 5 requests")
+        wait_until(lambda: status(stream_ready).ack_pending == 5, 15, "the stream delivering the 5 requests")
+        # The server counts a delivery once sent; the proxy may still hold its bytes: freeze only
+        # once the writer has every message (in its buffer, or taken by its consumer).
+        wait_until(lambda: in_writer(writer.url) == 50, 15, "the writer holding the 5 requests' 50 messages")
         nats.freeze()
         database.thaw()
         wait_until(lambda: counts(postgres_head_url)[0] == 50, 15, "the writer's commit")
