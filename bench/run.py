@@ -347,8 +347,12 @@ class Stream:
         from support.nats_cluster import NatsCluster, init_stream
 
         self.cluster = NatsCluster(Path(tmp) / f"nats-{uuid.uuid4().hex[:8]}")
-        self.cluster.start()
-        init_stream(self.cluster, stream_ack_wait_s=60.0)
+        try:
+            self.cluster.start()
+            init_stream(self.cluster, stream_ack_wait_s=60.0)
+        except BaseException:
+            self.cluster.close()  # no servers left behind when the stream could not be made
+            raise
 
     def close(self) -> None:
         self.cluster.close()

@@ -224,7 +224,8 @@ def _stream_and_intake(
     """--buffer nats://: 202 once the stream has the request; writers (--consumers > 0) feed from it."""
     spec = stream_spec(settings)
     stage = StreamStage(spec, writers=settings.consumers > 0, buffer=buffer, ledger=ledger,
-                        hard_stop=shutdown.hard_stop, database_failing=lambda: store.database_error is not None)
+                        hard_stop=shutdown.hard_stop, database_failing=lambda: store.database_error is not None,
+                        new_loop=loop_factory(settings.event_loop))
     intake = StreamIntake(spec, ledger=ledger, metrics=metrics, enqueue_timeout_s=settings.enqueue_timeout_s,
                           commit_timeout_s=settings.commit_timeout_s, accepting=listens)
     return stage, intake

@@ -149,19 +149,21 @@ class Metrics:
             registry=r,
         )
         self.stream_up = Gauge("ingest_stream_up", "1 when the last poll of the stream answered", registry=r)
-        self.stream_messages = Gauge("ingest_stream_messages", "Requests in the stream, not yet stored", registry=r)
-        self.stream_bytes = Gauge("ingest_stream_bytes", "Bytes of the requests in the stream", registry=r)
+        self.stream_messages = Gauge(
+            "ingest_stream_messages", "Stream messages (each one or more whole requests) not yet stored", registry=r
+        )
+        self.stream_bytes = Gauge("ingest_stream_bytes", "Bytes of the stream messages in the stream", registry=r)
         self.stream_capacity_bytes = Gauge(
             "ingest_stream_capacity_bytes", "The stream's bound in bytes (max_bytes)", registry=r
         )
         self.stream_pending = Gauge(
-            "ingest_stream_pending", "Requests in the stream not yet delivered to a writer", registry=r
+            "ingest_stream_pending", "Stream messages not yet delivered to a writer", registry=r
         )
         self.stream_ack_pending = Gauge(
-            "ingest_stream_ack_pending", "Requests delivered to writers and not yet acked (stored)", registry=r
+            "ingest_stream_ack_pending", "Stream messages delivered to writers and not yet acked (stored)", registry=r
         )
         self.stream_redelivered = Gauge(
-            "ingest_stream_redelivered", "Requests delivered more than once and not yet acked", registry=r
+            "ingest_stream_redelivered", "Stream messages delivered more than once and not yet acked", registry=r
         )
         self.stream_replicas = Gauge("ingest_stream_replicas", "Replicas the stream is configured with", registry=r)
         self.stream_replicas_current = Gauge(

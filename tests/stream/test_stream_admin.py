@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
-from support.nats_cluster import NatsCluster
+from support.nats_cluster import NatsCluster, Node
+from support.waiting import wait_until
 
 
 def ingest(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -29,7 +31,7 @@ def test_init_creates_then_leaves_then_updates(nats_cluster: NatsCluster) -> Non
     status = ingest("stream", "status", "--buffer", nats_cluster.urls)
     assert status.returncode == 0, status.stderr
     lines = dict(line.split(":", 1) for line in status.stdout.splitlines()[1:])
-    assert lines["  messages (requests)"].strip() == "0"
+    assert lines["  messages"].strip() == "0 (each one or more whole requests)"
     assert lines["  bytes"].strip().startswith("0 of 2000000")
     assert lines["  replicas current"].strip() == "3 of 3"
     assert lines["  leader"].strip() in {"n1", "n2", "n3"}
@@ -55,6 +57,22 @@ def test_write_refuses_a_stream_too_small_for_the_body(nats_cluster: NatsCluster
     assert write.stderr.strip().splitlines()[-1] == (
         "ingest: error: stream INGEST is not as expected (max_msg_size is 66536, less than --max-body-bytes plus "
         "headers (1114112)): run `ingest stream init`")
+
+
+def test_serve_refuses_servers_whose_max_payload_is_below_the_body_limit(tmp_path: Path, sqlite_url: str) -> None:
+    """A standalone server with max_payload 1 MiB: less than the default --max-body-bytes (1 MiB)
+    plus 64 KiB of header room, so a whole request might not fit in one message."""
+    node = Node("small", tmp_path / "nats", None, max_payload=1024 * 1024)
+    try:
+        node.start()
+        wait_until(node.healthy, 30, "the standalone NATS server healthy")
+        serve = ingest("serve", "--port", "0", "--db", sqlite_url, "--buffer", node.url)
+    finally:
+        node.kill()
+    assert serve.returncode == 1
+    assert serve.stderr.strip().splitlines()[-1] == (
+        "ingest: error: NATS max_payload is 1048576 bytes, less than --max-body-bytes plus headers (1114112): "
+        "raise max_payload on the servers (e.g. 2MB) or lower --max-body-bytes")
 
 
 def test_buffer_with_spool_is_a_settings_error(tmp_path) -> None:

@@ -201,7 +201,7 @@ def test_a_writer_killed_after_its_commit_and_before_its_ack(
         wait_until(lambda: status(stream_ready).ack_pending == 5, 15, "the stream to deliver the 5 requests")
         # Delivered is not received: the bytes may still be in the proxy. Taken by a consumer or
         # waiting in the writer's buffer, all 50 are in the writer before its NATS link freezes.
-        in_writer = ("ingest_batch_size_sum", "ingest_queue_depth")
+        in_writer = ("ingest_batch_size_sum", "ingest_queue_depth")  # a batch is counted once taken
         wait_until(lambda: sum(metric_text(writer.url, name) for name in in_writer) == 50, 15,
                    "the writer holding the 50 messages")
         nats.freeze()

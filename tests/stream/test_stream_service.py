@@ -3,14 +3,23 @@ message and answers 202 after the stream's ack; writers store it and ack it."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 
+from aiohttp import web
 from sqlalchemy import create_engine, func, select
 
 from ingest.builder import stream_spec
-from ingest.db.tables import messages
+from ingest.config import Settings
+from ingest.db.tables import messages, requests
+from ingest.http.identity import Generator
+from ingest.messages import Message, Receipt
+from ingest.metrics import Metrics
+from ingest.receipts import Ledger
 from ingest.service import Service
 from ingest.stream import admin
+from ingest.stream.intake import StreamIntake
 from support.httpclient import post_ndjson, request
 from support.nats_cluster import NatsCluster, free_port
 from support.serving import ServeProcess
@@ -53,11 +62,61 @@ def test_a_listener_only_publishes_and_a_writer_stores(
     replies = [post_ndjson(listener.url, [{"n": i, "r": r} for i in range(10)],
                            query="") for r in range(20)]
     assert {r.status for r in replies} == {202}
-    assert stream_status(listener).messages == 20  # one stream message a request; nobody writes yet
+    assert stream_status(listener).messages == 20  # sent one after another: a stream message each; nobody writes yet
     assert rows(postgres_head_url) == 0
     writer = make_service(buffer=stream_ready.urls, db_url=postgres_head_url, consumers=2)
     wait_until(lambda: rows(postgres_head_url) == 200, 20, "200 rows")
     wait_until(lambda: stream_status(writer).messages == 0, 10, "the stream to empty")
+
+
+def last_sequence(cluster: NatsCluster) -> int:
+    """How many stream messages were ever published (acked ones leave the work queue)."""
+    page = cluster.nodes[0].monitor("/jsz?streams=true")
+    assert page is not None
+    return int(page["account_details"][0]["stream_detail"][0]["state"]["last_seq"])  # type: ignore[index]
+
+
+def test_requests_accepted_in_one_turn_of_the_loop_are_one_stream_message_each_settled_apart(
+    stream_ready: NatsCluster, make_service: Callable[..., Service], postgres_head_url: str,
+) -> None:
+    """Ten requests submitted together (half of them ?ack=commit) go out as one stream message;
+    a writer stores each request's messages, counts each receipt, and reports each commit."""
+    spec = stream_spec(Settings.from_mapping({"buffer": stream_ready.urls}))
+    ledger = Ledger()
+    intake = StreamIntake(spec, ledger=ledger, metrics=Metrics([]), enqueue_timeout_s=10.0, commit_timeout_s=30.0)
+    make_service(buffer=stream_ready.urls, db_url=postgres_head_url, consumers=2, _listens=False)
+    identities = Generator()
+
+    async def publish() -> list[Receipt]:
+        lifespan = intake.lifespan(web.Application())
+        await anext(lifespan)
+        try:
+            receipts = [ledger.open(None, 3, time.time(), waited_on=i % 2 == 0) for i in range(10)]
+            batches = [[Message(f'{{"r": {i}, "n": {n}}}', receipt.received_at, ident=ident, receipt=receipt)
+                        for n, ident in enumerate(identities.take(3))] for i, receipt in enumerate(receipts)]
+            await asyncio.gather(*(intake.submit(batch) for batch in batches))
+            committed = await asyncio.wait_for(asyncio.gather(
+                *(asyncio.wrap_future(r.future) for r in receipts if r.future is not None)), 30)
+            assert committed == [(3, 0)] * 5
+            return receipts
+        finally:
+            await lifespan.aclose()
+
+    receipts = asyncio.run(publish())
+    assert last_sequence(stream_ready) == 1
+    assert rows(postgres_head_url) == 30
+    wait_until(lambda: stored_by_request(postgres_head_url) == {r.id: (3, 3) for r in receipts}, 10,
+               "every request's receipt row: 3 accepted, 3 stored")
+    wait_until(lambda: admin.status(spec).messages == 0, 10, "the stream to empty (acked)")
+
+
+def stored_by_request(url: str) -> dict[str, tuple[int, int]]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {r.id: (r.accepted, r.stored) for r in conn.execute(select(requests))}
+    finally:
+        engine.dispose()
 
 
 def test_ack_commit_across_roles_is_a_201_after_the_writers_commit(

@@ -1,4 +1,4 @@
-"""One request = one stream message: what a listener writes, a writer reads back the same."""
+"""One stream message = one or more whole requests: what a listener writes, a writer reads back the same."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from ingest.messages import Message, Receipt
 from ingest.stream import wire
 
 
-def batch(texts: list[str], idents: list[str], *, client: str | None = None) -> list[Message]:
-    receipt = Receipt("req-1", len(texts), 1764243000.25, fresh=True, client=client)
+def batch(texts: list[str], idents: list[str], *, request: str = "req-1", client: str | None = None) -> list[Message]:
+    receipt = Receipt(request, len(texts), 1764243000.25, fresh=True, client=client)
     return [Message(t, receipt.received_at, ident=i, receipt=receipt) for t, i in zip(texts, idents, strict=True)]
 
 
@@ -18,32 +18,44 @@ def batch(texts: list[str], idents: list[str], *, client: str | None = None) -> 
 def test_identities_and_texts_come_back_as_sent(kind: str) -> None:
     texts = [f'{{"id": {n}, "v": "x"}}' for n in range(5)]
     idents = {"generated": Generator().take(5), "key": from_key("abc:1", 5), "field": from_field(texts, "id")}[kind]
-    data, headers = wire.encode(batch(texts, idents, client="alice"), "prefix:7", reply="_INGEST.reply.p")
-    assert headers[wire.MSG_ID] == "prefix:7"
-    assert headers[wire.IDENT] == {"generated": idents[0], "key": "k:abc:1", "field": "list"}[kind]
-    request = wire.decode(data, headers)
+    data, headers = wire.encode([wire.encode_request(batch(texts, idents, client="alice"), "_INGEST.reply.p")],
+                                "prefix:7")
+    assert headers == {wire.MSG_ID: "prefix:7", wire.WIRE: wire.VERSION}
+    [request] = wire.decode(data, headers)
     assert (request.texts, request.idents) == (texts, idents)
     assert (request.request_id, request.received_at, request.client, request.fresh, request.reply) == (
         "req-1", 1764243000.25, "alice", True, "_INGEST.reply.p")
     assert request.generated == (kind == "generated")
 
 
-def test_a_text_with_a_raw_newline_travels_as_a_json_array() -> None:
-    texts = ['{"a":\n1}', '{"b": 2}']
-    data, headers = wire.encode(batch(texts, Generator().take(2)), "p:1")
-    assert headers[wire.FORMAT] == "array"
-    assert wire.decode(data, headers).texts == texts
+def test_requests_published_together_come_back_apart_in_order() -> None:
+    identities = Generator()
+    sent = [
+        (['{"a": 1}'], "r1"),
+        (['{"a":\n 2}'], "r2"),  # a raw newline in a 1-message request
+        ([f'{{"b": {n}}}' for n in range(3)], "r3"),
+        (['{"c":\n1}', '{"c": 2}'], "r4"),  # a raw newline among several: a JSON array line
+        (['{"d": 1}', '{"d": 2}'], "r5"),
+    ]
+    idents = [identities.take(len(texts)) for texts, _ in sent]
+    parts = [wire.encode_request(batch(texts, ids, request=rid))
+             for (texts, rid), ids in zip(sent, idents, strict=True)]
+    data, headers = wire.encode(parts, "p:2")
+    got = wire.decode(data, headers)
+    assert [(r.request_id, r.texts, r.idents) for r in got] == [
+        (rid, texts, ids) for (texts, rid), ids in zip(sent, idents, strict=True)]
+    assert all(r.reply is None and r.client is None and r.generated for r in got)
 
 
-def test_one_message_is_its_text_as_sent() -> None:
-    texts = ['{"a":\n 1}']
-    data, headers = wire.encode(batch(texts, Generator().take(1)), "p:1")
-    assert data == texts[0].encode() and wire.FORMAT not in headers
-    assert wire.decode(data, headers).texts == texts
-
-
-@pytest.mark.parametrize("headers", [None, {"Ingest-Count": "2"}, {
-    "Ingest-Count": "3", "Ingest-Ident": "k:x", "Ingest-Request": "r", "Ingest-Received": "1.0"}])
-def test_anything_else_is_malformed(headers: dict[str, str] | None) -> None:
+@pytest.mark.parametrize(("data", "headers"), [
+    (b'{"a": 1}\n{"b": 2}', None),
+    (b'{"a": 1}\n{"b": 2}', {"Ingest-Count": "2"}),  # the format of one request a message, before groups
+    (b'[{"r": "x", "n": 3, "t": 1.0, "i": "k:x"}]\n{"a": 1}\n{"b": 2}', {wire.WIRE: wire.VERSION}),
+    (b'[{"r": "x", "n": 1, "t": 1.0, "i": "k:x"}]\n{"a": 1}\n{"b": 2}', {wire.WIRE: wire.VERSION}),
+    (b'[{"r": "x", "n": 1, "t": 1.0, "i": "z:x"}]\n{"a": 1}', {wire.WIRE: wire.VERSION}),
+    (b'[]\n{"a": 1}', {wire.WIRE: wire.VERSION}),
+    (b'{"a": 1}', {wire.WIRE: wire.VERSION}),
+])
+def test_anything_else_is_malformed(data: bytes, headers: dict[str, str] | None) -> None:
     with pytest.raises(wire.Malformed):
-        wire.decode(b'{"a": 1}\n{"b": 2}', headers)
+        wire.decode(data, headers)

@@ -36,23 +36,29 @@ def free_port() -> int:
 
 
 class Node:
-    def __init__(self, name: str, root: Path, cluster_ports: list[int], index: int) -> None:
+    """One server; a cluster's member, or standalone (`cluster_ports` None)."""
+
+    def __init__(
+        self, name: str, root: Path, cluster_ports: list[int] | None, index: int = 0, *,
+        max_payload: int = MAX_PAYLOAD,
+    ) -> None:
         self.name = name
         self.client_port = free_port()
         self.monitor_port = free_port()
-        self.cluster_port = cluster_ports[index]
         self.store = root / name / "store"
         self.store.mkdir(parents=True)
         self.config = root / name / "nats.conf"
-        routes = ", ".join(f"nats-route://127.0.0.1:{port}" for port in cluster_ports)
-        self.config.write_text(
-            f"server_name: {name}\n"
-            f"listen: 127.0.0.1:{self.client_port}\n"
-            f"http: 127.0.0.1:{self.monitor_port}\n"
-            f"max_payload: {MAX_PAYLOAD}\n"
-            f"jetstream {{ store_dir: {json.dumps(str(self.store))}, sync_interval: always }}\n"
-            f"cluster {{ name: ingest, listen: 127.0.0.1:{self.cluster_port}, routes: [{routes}] }}\n"
-        )
+        lines = [
+            f"server_name: {name}",
+            f"listen: 127.0.0.1:{self.client_port}",
+            f"http: 127.0.0.1:{self.monitor_port}",
+            f"max_payload: {max_payload}",
+            f"jetstream {{ store_dir: {json.dumps(str(self.store))}, sync_interval: always }}",
+        ]
+        if cluster_ports is not None:
+            routes = ", ".join(f"nats-route://127.0.0.1:{port}" for port in cluster_ports)
+            lines.append(f"cluster {{ name: ingest, listen: 127.0.0.1:{cluster_ports[index]}, routes: [{routes}] }}")
+        self.config.write_text("\n".join(lines) + "\n")
         self.log = root / name / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
 

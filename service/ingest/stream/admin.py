@@ -144,7 +144,7 @@ class Status:
         oldest = "none" if self.oldest_age_s is None else f"{self.oldest_age_s:.1f} s"
         return "\n".join([
             f"stream {name}",
-            f"  messages (requests):  {self.messages}",
+            f"  messages:             {self.messages} (each one or more whole requests)",
             f"  bytes:                {self.bytes} of {self.max_bytes}{share}",
             f"  pending:              {self.pending} (not yet delivered to a writer)",
             f"  ack pending:          {self.ack_pending} (held by writers)",

@@ -1,10 +1,15 @@
 """The listener's side of the stream: `StreamIntake`, the Intake (intake.py) of `--buffer nats://`.
 
-A request is published as one JetStream message (wire.py) on the listener's own asyncio loop,
-and the client gets its 202 only once the stream acknowledged it: stored on a quorum of the
-stream's replicas, each fsynced (servers with `sync_interval: always`). Until --enqueue-timeout
-runs out, a publish that got no definite answer is sent again with the same `Nats-Msg-Id`, so
-the stream keeps one copy. Then:
+Requests are published on the listener's own asyncio loop, each whole in one JetStream message
+(wire.py), and a client gets its 202 only once the stream acknowledged the message that holds
+its request: stored on a quorum of the stream's replicas, each fsynced (servers with
+`sync_interval: always`). Publishing is a group commit: a request accepted while
+MAX_IN_FLIGHT messages are on their way waits for the next one, together with every other
+request accepted meanwhile (up to --max-body-bytes of them), so under load the stream's
+servers store, replicate, fsync, deliver and take acks for one message per group, not one per
+request; an idle listener publishes a request at once, alone. Until --enqueue-timeout runs out
+(the group's oldest request's), a publish that got no definite answer is sent again with the
+same `Nats-Msg-Id`, so the stream keeps one copy. Then, for every request of the group:
 - the stream's ack (a duplicate's too) → 202;
 - the stream full (`discard: new`, error 10077/10078) → 503 StreamFull, Retry-After from the
   backlog at the rate the writers drained it lately (pace.py);
@@ -25,6 +30,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -35,7 +41,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
-from ingest.errors import NotAListener, StreamFull, StreamUnavailable, first_line
+from ingest.errors import Backpressure, NotAListener, StreamFull, StreamUnavailable, first_line
 from ingest.messages import Message
 from ingest.metrics import Metrics
 from ingest.pace import Throughput
@@ -53,6 +59,18 @@ _FULL = (10077, 10078)  # maximum bytes / messages exceeded, with discard new
 # request's row is in the database; the ledger stays bounded by this many seconds of requests.
 HOLD_RECEIPT_S = 30.0
 REPLY_PREFIX = "_INGEST.reply"
+# Messages a listener has on their way to the stream at once; requests accepted meanwhile wait
+# and go together in the next. Two: one is acked while the next is being stored.
+MAX_IN_FLIGHT = 2
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """An accepted request until the stream acked the message that holds it."""
+
+    part: wire.Part
+    deadline: float
+    future: asyncio.Future[None] = field(repr=False)
 
 
 class StreamIntake:
@@ -75,6 +93,9 @@ class StreamIntake:
         self._js: JetStreamContext | None = None  # made once with the connection, not per request
         self._drained = Throughput()
         self._status: admin.Status | None = None
+        self._waiting: list[_Waiting] = []  # accepted, for the next message; only the loop's thread touches these
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._flush_due = False
         self.unreachable: str | None = "not connected yet"  # why the stream does not answer; None when it does
 
     def __repr__(self) -> str:
@@ -103,11 +124,91 @@ class StreamIntake:
                                messages=len(batch))
         receipt = batch[0].receipt
         waited_on = receipt is not None and receipt.future is not None
-        data, headers = wire.encode(batch, f"{self._prefix}:{next(self._counter)}",
-                                    self._reply_subject if waited_on else None)
+        part = wire.encode_request(batch, self._reply_subject if waited_on else None)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = started + self._enqueue_timeout_s
+        waiting = _Waiting(part, started + self._enqueue_timeout_s, loop.create_future())
+        self._waiting.append(waiting)
+        self._flush_soon(loop)
+        await waiting.future  # StreamFull or StreamUnavailable: the handler answers 503
+        self._metrics.stream_publish_seconds.observe(loop.time() - started)
+        self._after_publish(receipt, loop)
+
+    def _flush_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """At the end of this turn of the loop, so the requests of one turn go together."""
+        if not self._flush_due and len(self._in_flight) < MAX_IN_FLIGHT:
+            self._flush_due = True
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        while self._waiting and len(self._in_flight) < MAX_IN_FLIGHT:
+            group = self._take_group()
+            if group:
+                task = asyncio.get_running_loop().create_task(self._publish(group), name="stream-publish")
+                self._in_flight.add(task)
+                task.add_done_callback(self._published)
+
+    def _take_group(self) -> list[_Waiting]:
+        """The oldest waiting requests that fit together (one always does), less those whose
+        client went away before they were sent."""
+        group: list[_Waiting] = []
+        size = 0
+        while self._waiting:
+            waiting = self._waiting[0]
+            if group and size + waiting.part.size > self._spec.max_body_bytes:
+                break
+            del self._waiting[0]
+            if not waiting.future.done():
+                group.append(waiting)
+                size += waiting.part.size
+        return group
+
+    def _published(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if self._waiting:
+            self._flush_soon(asyncio.get_running_loop())
+
+    async def _publish(self, group: list[_Waiting]) -> None:
+        """One message for the group, sent until it is acked, refused, or the oldest request's
+        deadline passes. Error policy: every request of the group gets the answer, an
+        unexpected error too (its handler answers 500), so no client is left waiting."""
+        try:
+            duplicate = await self._send(group)
+        except Backpressure as exc:
+            for waiting in group:
+                self._settle(waiting, type(exc)(str(exc), retry_after_s=exc.retry_after_s,
+                                                messages=waiting.part.count))
+        except asyncio.CancelledError:  # the loop ends: the outcome is unknown
+            for waiting in group:
+                self._settle(waiting, StreamUnavailable("the listener stopped before the stream answered",
+                                                        retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
+                                                        messages=waiting.part.count))
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting handler, which logs it
+            for waiting in group:
+                self._settle(waiting, exc)
+        else:
+            if duplicate:
+                self._metrics.stream_publish_duplicates.inc()
+            for waiting in group:
+                self._settle(waiting, None)
+
+    @staticmethod
+    def _settle(waiting: _Waiting, error: BaseException | None) -> None:
+        if waiting.future.done():  # its client went away (the handler was cancelled)
+            return
+        if error is None:
+            waiting.future.set_result(None)
+        else:
+            waiting.future.set_exception(error)
+
+    async def _send(self, group: list[_Waiting]) -> bool:
+        """Whether the stream had it already (a duplicate); StreamFull or StreamUnavailable."""
+        data, headers = wire.encode([w.part for w in group], f"{self._prefix}:{next(self._counter)}")
+        loop = asyncio.get_running_loop()
+        deadline = min(w.deadline for w in group)
+        requests = len(group)
         js = self._js
         last = "not connected"
         while js is not None:
@@ -115,29 +216,24 @@ class StreamIntake:
             if remaining <= 0:
                 break
             try:
-                ack = await js.publish(self._spec.subject, data, timeout=remaining, headers=dict(headers))
+                ack = await js.publish(self._spec.subject, data, timeout=remaining, headers=headers)
             except APIError as exc:
                 if exc.err_code in _FULL:
-                    self._metrics.stream_publish_errors.labels("full").inc()
-                    raise StreamFull("the stream is full", retry_after_s=self._retry_after_s(),
-                                     messages=len(batch)) from None
+                    self._metrics.stream_publish_errors.labels("full").inc(requests)
+                    raise StreamFull("the stream is full", retry_after_s=self._retry_after_s()) from None
                 last = first_line(exc)
             except (NatsError, TimeoutError) as exc:
                 last = first_line(exc) or type(exc).__name__
             else:
-                self._metrics.stream_publish_seconds.observe(loop.time() - started)
-                if ack.duplicate:
-                    self._metrics.stream_publish_duplicates.inc()
-                self._after_publish(receipt, loop)
-                return
+                return bool(ack.duplicate)
             await asyncio.sleep(min(RETRY_PAUSE_S, max(0.0, deadline - loop.time())))
-        self._metrics.stream_publish_errors.labels("unavailable").inc()
+        self._metrics.stream_publish_errors.labels("unavailable").inc(requests)
         log.warning("stream %s: no definite answer in %.1f s (%s); answered 503", self._spec.name,
                     self._enqueue_timeout_s, last)
         raise StreamUnavailable(
             "the stream did not answer in time: the request may or may not be kept; "
             "retry it with the same Idempotency-Key to have it stored once",
-            retry_after_s=UNAVAILABLE_RETRY_AFTER_S, messages=len(batch))
+            retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
 
     def _after_publish(self, receipt: Any, loop: asyncio.AbstractEventLoop) -> None:
         """The receipt stays in the ledger a while (a writer of this process settles it there),

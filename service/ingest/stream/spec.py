@@ -20,7 +20,7 @@ DURABLE = "writers"
 # Room a request's headers (identities, ids, reply subject) take beside its body.
 HEADER_ROOM = 64 * 1024
 DUPLICATE_WINDOW_S = 120.0  # the listener's own publish retries are deduplicated within this
-MAX_ACK_PENDING = 1000  # JetStream messages (requests) held by all writers at once
+MAX_ACK_PENDING = 1000  # JetStream messages (each one or more requests) held by all writers at once
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,6 +9,7 @@ was never acked, so the stream delivers it again, to this writer's next start or
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Sequence
 
@@ -30,8 +31,10 @@ class StreamStage:
     def __init__(
         self, spec: StreamSpec, *, writers: bool, buffer: Buffer, ledger: Ledger, hard_stop: threading.Event,
         database_failing: Callable[[], bool],
+        new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
     ) -> None:
         self.spec = spec
+        self._new_loop = new_loop
         self._writers = writers
         self._buffer = buffer
         self._ledger = ledger
@@ -52,7 +55,7 @@ class StreamStage:
         if not self._writers:
             return
         self.feeder = StreamFeeder(self.spec, self._buffer, ledger=self._ledger, hard_stop=self._hard_stop,
-                                   database_failing=self._database_failing)
+                                   database_failing=self._database_failing, new_loop=self._new_loop)
         self.feeder.start()
 
     def forget(self, batch: list[Message]) -> None:

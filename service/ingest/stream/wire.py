@@ -1,38 +1,43 @@
-"""One JetStream message = one whole HTTP request: how a listener writes it and a writer reads it.
+"""One JetStream message = one or more whole HTTP requests: how a listener writes them and a writer
+reads them back.
 
-Payload: the request's message texts joined by newlines (NDJSON lines and re-encoded array
-items hold no raw newline; a request of one message is that message as sent), or, should a
-text hold one, a JSON array of the texts (`Ingest-Format: array`). Headers carry what the writer
-needs to store each message once and count it into the right receipt:
+A listener publishes the requests accepted while its previous publish was on its way together,
+as one JetStream message (intake.py): the stream's servers and the writers then pay for one
+stored, replicated, fsynced, delivered and acked message, not one per request. A request is
+never split: it is in one JetStream message, whole, or in none.
 
-- `Nats-Msg-Id`: unique per accepted request (the listener's prefix and counter), so the
-  listener's own publish retries are deduplicated by the stream. Not the request id, which a
-  client may reuse for another request, and not the Idempotency-Key: a client's retry must
-  reach a writer, so that its receipt gets its rows; the database's unique index dedupes it.
-- `Ingest-Request`, `Ingest-Count`, `Ingest-Received`, `Ingest-Client`, `Ingest-Fresh`: the receipt.
-- `Ingest-Ident`: `g:<prefix>:<first counter>` (consecutive generated identities), `k:<key>` (an
-  Idempotency-Key: `k:<key>:<index>`), or `list` (the first payload line is a JSON array of them).
-- `Ingest-Reply`: for ?ack=commit, the subject the writer reports the commit on.
+Headers: `Nats-Msg-Id`, unique per published message (the listener's prefix and counter), so
+the listener's own publish retries are deduplicated by the stream; and `Ingest-Wire: 2`, this
+format. Not the request id, which a client may reuse for another request, and not the
+Idempotency-Key: a client's retry must reach a writer, so that its receipt gets its rows; the
+database's unique index dedupes it.
+
+Payload: a first line, a JSON array with one object per request, then the requests' lines, in
+order. A request's lines are its message texts, one a line (NDJSON lines and re-encoded array
+items hold no raw newline), or, should a text hold one, a single line: the JSON array of its
+texts (`"a": 1`). A request's object says what a writer needs to store each message once and
+count it into the right receipt:
+
+- `r` the request id, `n` its message count, `t` the listener's receive time (epoch seconds),
+  `c` the client (when tokens name one), `f` 1 for a fresh request, `p` the subject a writer
+  reports an ?ack=commit request's commit on;
+- `i` the identities: `g:<prefix>:<first counter>` (consecutive generated identities),
+  `k:<key>` (an Idempotency-Key: `k:<key>:<index>`), or the JSON array of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
 from ingest.messages import Message
 
 MSG_ID = "Nats-Msg-Id"
-REQUEST = "Ingest-Request"
-COUNT = "Ingest-Count"
-RECEIVED = "Ingest-Received"
-CLIENT = "Ingest-Client"
-FRESH = "Ingest-Fresh"
-IDENT = "Ingest-Ident"
-FORMAT = "Ingest-Format"
-REPLY = "Ingest-Reply"
+WIRE = "Ingest-Wire"
+VERSION = "2"
 _GENERATED_WIDTH = 12  # identity.Generator's counter width, in hex digits
 
 
@@ -40,42 +45,56 @@ class Malformed(ValueError):
     """A stream message no listener of ours wrote: a writer terminates it, never retries it."""
 
 
-def encode(batch: Sequence[Message], msg_id: str, reply: str | None = None) -> tuple[bytes, dict[str, str]]:
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One request, encoded: its object of the first line, and its lines."""
+
+    descriptor: bytes
+    body: bytes
+    count: int
+
+    @property
+    def size(self) -> int:
+        return len(self.descriptor) + len(self.body) + 2
+
+
+def encode_request(batch: Sequence[Message], reply: str | None = None) -> Part:
     first = batch[0]
     receipt = first.receipt
     assert receipt is not None, "a request published to the stream has its receipt"
     texts = [m.text for m in batch]
-    idents = [m.ident or "" for m in batch]
-    headers = {
-        MSG_ID: msg_id, REQUEST: receipt.id, COUNT: str(len(batch)), RECEIVED: repr(first.received_at),
-    }
+    descriptor: dict[str, Any] = {"r": receipt.id, "n": len(batch), "t": first.received_at,
+                                  "i": _idents([m.ident or "" for m in batch])}
     if receipt.client is not None:
-        headers[CLIENT] = receipt.client
+        descriptor["c"] = receipt.client
     if receipt.fresh:
-        headers[FRESH] = "1"
+        descriptor["f"] = 1
     if reply is not None:
-        headers[REPLY] = reply
+        descriptor["p"] = reply
     body = "\n".join(texts)
-    if len(texts) > 1 and body.count("\n") != len(texts) - 1:
-        headers[FORMAT] = "array"
+    if body.count("\n") != len(texts) - 1:
+        descriptor["a"] = 1
         data = orjson.dumps(texts)
     else:
         data = body.encode()
-    headers[IDENT], ident_line = _idents(idents)
-    if ident_line is not None:
-        data = ident_line + b"\n" + data
-    return data, headers
+    return Part(orjson.dumps(descriptor), data, len(batch))
 
 
-def _idents(idents: list[str]) -> tuple[str, bytes | None]:
+def encode(parts: Sequence[Part], msg_id: str) -> tuple[bytes, dict[str, str]]:
+    """One JetStream message of the requests `parts`, in order."""
+    head = b"[" + b",".join(p.descriptor for p in parts) + b"]"
+    return b"\n".join([head, *(p.body for p in parts)]), {MSG_ID: msg_id, WIRE: VERSION}
+
+
+def _idents(idents: list[str]) -> str | list[str]:
     first, count = idents[0], len(idents)
     if first.startswith("g:") and _generated(first, count, idents[-1]):
-        return first, None
+        return first
     if first.startswith("k:") and first.endswith(":0"):
         key = first[2:-2]
         if idents[-1] == f"k:{key}:{count - 1}":
-            return f"k:{key}", None
-    return "list", orjson.dumps(idents)
+            return f"k:{key}"
+    return idents
 
 
 def _generated(first: str, count: int, last: str) -> bool:
@@ -83,7 +102,7 @@ def _generated(first: str, count: int, last: str) -> bool:
     return last == f"{prefix}:{int(counter, 16) + count - 1:0{_GENERATED_WIDTH}x}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Request:
     """A request as a writer reads it from the stream."""
 
@@ -97,37 +116,50 @@ class Request:
     generated: bool  # identities made by the listener: no stored row can have one before its first delivery
 
 
-def decode(data: bytes, headers: dict[str, str] | None) -> Request:
+def decode(data: bytes, headers: dict[str, str] | None) -> list[Request]:
     try:
-        return _decode(data, headers or {})
-    except (KeyError, ValueError, orjson.JSONDecodeError) as exc:
-        raise Malformed(f"not a request of an ingest listener: {exc!r}") from None
+        if (headers or {}).get(WIRE) != VERSION:
+            raise ValueError(f"{WIRE} header {(headers or {}).get(WIRE)!r}, expected {VERSION!r}")
+        return _decode(data)
+    except (KeyError, ValueError, TypeError, IndexError, orjson.JSONDecodeError) as exc:
+        raise Malformed(f"not requests of an ingest listener: {exc!r}") from None
 
 
-def _decode(data: bytes, headers: dict[str, str]) -> Request:
-    count = int(headers[COUNT])
-    ident = headers[IDENT]
-    if ident == "list":
-        line, _, data = data.partition(b"\n")
-        idents = [str(i) for i in orjson.loads(line)]
-    elif ident.startswith("k:"):
-        idents = [f"{ident}:{index}" for index in range(count)]
-    elif ident.startswith("g:"):
+def _decode(data: bytes) -> list[Request]:
+    head, _, rest = data.partition(b"\n")
+    descriptors = orjson.loads(head)
+    if not isinstance(descriptors, list) or not descriptors:
+        raise ValueError("the first line is not a list of requests")
+    lines = rest.decode().split("\n")
+    at = 0
+    requests = []
+    for d in descriptors:
+        count = int(d["n"])
+        if d.get("a"):
+            texts = [str(t) for t in orjson.loads(lines[at])]
+            at += 1
+        else:
+            texts = lines[at:at + count]
+            at += count
+        idents = _identities(d["i"], count)
+        if len(texts) != count or len(idents) != count:
+            raise ValueError(f"{len(texts)} texts and {len(idents)} identities for a count of {count}")
+        requests.append(Request(
+            request_id=str(d["r"]), received_at=float(d["t"]), client=d.get("c"), fresh=d.get("f") == 1,
+            reply=d.get("p"), texts=texts, idents=idents, generated=isinstance(d["i"], str) and d["i"].startswith("g:"),
+        ))
+    if at != len(lines):
+        raise ValueError(f"{len(lines)} lines for requests of {at}")
+    return requests
+
+
+def _identities(ident: str | list[str], count: int) -> list[str]:
+    if isinstance(ident, list):
+        return [str(i) for i in ident]
+    if ident.startswith("k:"):
+        return [f"{ident}:{index}" for index in range(count)]
+    if ident.startswith("g:"):
         prefix, _, counter = ident.rpartition(":")
         start = int(counter, 16)
-        idents = [f"{prefix}:{n:0{_GENERATED_WIDTH}x}" for n in range(start, start + count)]
-    else:
-        raise ValueError(f"identity header {ident!r}")
-    if headers.get(FORMAT) == "array":
-        texts = [str(t) for t in orjson.loads(data)]
-    elif count == 1:
-        texts = [data.decode()]
-    else:
-        texts = data.decode().split("\n")
-    if len(texts) != count or len(idents) != count:
-        raise ValueError(f"{len(texts)} texts and {len(idents)} identities for a count of {count}")
-    return Request(
-        request_id=headers[REQUEST], received_at=float(headers[RECEIVED]), client=headers.get(CLIENT),
-        fresh=headers.get(FRESH) == "1", reply=headers.get(REPLY), texts=texts, idents=idents,
-        generated=ident.startswith("g:"),
-    )
+        return [f"{prefix}:{n:0{_GENERATED_WIDTH}x}" for n in range(start, start + count)]
+    raise ValueError(f"identity {ident!r}")
