@@ -59,3 +59,24 @@ def test_requests_published_together_come_back_apart_in_order() -> None:
 def test_anything_else_is_malformed(data: bytes, headers: dict[str, str] | None) -> None:
     with pytest.raises(wire.Malformed):
         wire.decode(data, headers)
+
+
+@pytest.mark.parametrize(("data", "headers", "texts", "idents"), [
+    (b'{"a":1}\n{"a":2}', {"Ingest-Ident": "g:p1:00000000000a", "Ingest-Count": "2"},
+     ['{"a":1}', '{"a":2}'], ["g:p1:00000000000a", "g:p1:00000000000b"]),
+    (b'{"a":"x\\ny"}', {"Ingest-Ident": "k:key", "Ingest-Count": "1"}, ['{"a":"x\\ny"}'], ["k:key:0"]),
+    (b'["f:1","f:2"]\n["{\\"a\\":\\"x\\ny\\"}","{}"]',
+     {"Ingest-Ident": "list", "Ingest-Count": "2", "Ingest-Format": "array"},
+     ['{"a":"x\ny"}', "{}"], ["f:1", "f:2"]),
+])
+def test_a_message_of_format_1_is_still_read(data: bytes, headers: dict[str, str], texts: list[str],
+                                             idents: list[str]) -> None:
+    """Written by a listener of the version before (one request a message, described by headers):
+    a rolling upgrade leaves them in the stream, acknowledged, for writers of this version."""
+    headers = {"Nats-Msg-Id": "p1:7", "Ingest-Request": "req-9", "Ingest-Received": "1700000000.5",
+               "Ingest-Client": "acme", "Ingest-Fresh": "1", "Ingest-Reply": "_INBOX.r", **headers}
+    (request,) = wire.decode(data, headers)
+    assert (request.request_id, request.received_at, request.client, request.fresh, request.reply) == (
+        "req-9", 1700000000.5, "acme", True, "_INBOX.r")
+    assert request.texts == texts and request.idents == idents
+    assert request.generated == idents[0].startswith("g:")

@@ -117,12 +117,49 @@ class Request:
 
 
 def decode(data: bytes, headers: dict[str, str] | None) -> list[Request]:
+    """The requests of a stream message of either format: a writer must read what a listener of
+    the version before wrote (a rolling upgrade leaves such messages in the stream, acknowledged)."""
+    headers = headers or {}
     try:
-        if (headers or {}).get(WIRE) != VERSION:
-            raise ValueError(f"{WIRE} header {(headers or {}).get(WIRE)!r}, expected {VERSION!r}")
-        return _decode(data)
+        if headers.get(WIRE) == VERSION:
+            return _decode(data)
+        if WIRE not in headers and V1_REQUEST in headers:
+            return [_decode_v1(data, headers)]
+        raise ValueError(f"{WIRE} header {headers.get(WIRE)!r}, expected {VERSION!r}")
     except (KeyError, ValueError, TypeError, IndexError, orjson.JSONDecodeError) as exc:
         raise Malformed(f"not requests of an ingest listener: {exc!r}") from None
+
+
+# Format 1: one request a message, described by headers (read, no longer written).
+V1_REQUEST, V1_COUNT, V1_RECEIVED = "Ingest-Request", "Ingest-Count", "Ingest-Received"
+V1_CLIENT, V1_FRESH, V1_IDENT, V1_FORMAT, V1_REPLY = (
+    "Ingest-Client", "Ingest-Fresh", "Ingest-Ident", "Ingest-Format", "Ingest-Reply")
+
+
+def _decode_v1(data: bytes, headers: dict[str, str]) -> Request:
+    """Its payload: an `Ingest-Ident: list` request's JSON array of identities on a first line,
+    then its texts, one a line (one message: the text as sent), or their JSON array
+    (`Ingest-Format: array`)."""
+    count = int(headers[V1_COUNT])
+    ident = headers[V1_IDENT]
+    if ident == "list":
+        line, _, data = data.partition(b"\n")
+        idents = [str(i) for i in orjson.loads(line)]
+    else:
+        idents = _identities(ident, count)
+    if headers.get(V1_FORMAT) == "array":
+        texts = [str(t) for t in orjson.loads(data)]
+    elif count == 1:
+        texts = [data.decode()]
+    else:
+        texts = data.decode().split("\n")
+    if len(texts) != count or len(idents) != count:
+        raise ValueError(f"{len(texts)} texts and {len(idents)} identities for a count of {count}")
+    return Request(
+        request_id=headers[V1_REQUEST], received_at=float(headers[V1_RECEIVED]), client=headers.get(V1_CLIENT),
+        fresh=headers.get(V1_FRESH) == "1", reply=headers.get(V1_REPLY), texts=texts, idents=idents,
+        generated=ident.startswith("g:"),
+    )
 
 
 def _decode(data: bytes) -> list[Request]:
