@@ -158,6 +158,27 @@ def test_a_failed_commit_answers_every_waiting_coroutine(writer) -> None:
         lock.close()
 
 
+def test_a_commit_of_many_rows_writes_each_once_in_order_and_deletes_runs(tmp_path) -> None:
+    """Rows go in multi-row statements (at most 32 rows, at most STATEMENT_BYTES a statement but
+    for a larger row alone); deletes go by runs of consecutive seqs."""
+    conn = spool.open_spool(tmp_path / "spool.db", "normal")
+    big = "x" * spool.STATEMENT_BYTES
+    sizes = [10] * 45 + [spool.STATEMENT_BYTES] + [10] * 3 + [spool.STATEMENT_BYTES // 2] * 3
+    rows = [(seq, 1.0, 0, None, None, None, 1, size, f"g:{seq}", "1", big[:size], str(size))
+            for seq, size in enumerate(sizes, start=1)]
+    try:
+        conn.execute("BEGIN")
+        spool.insert(conn, rows)
+        conn.execute("COMMIT")
+        stored = conn.execute("SELECT seq, bytes, idents, texts FROM spool ORDER BY seq").fetchall()
+        assert stored == [(seq, size, f"g:{seq}", big[:size]) for seq, size in enumerate(sizes, start=1)]
+        spool.delete(conn, [7, 3, 4, 5, 40, 41, 52, 1])
+        left = [seq for (seq,) in conn.execute("SELECT seq FROM spool ORDER BY seq")]
+        assert left == [seq for seq in range(1, 53) if seq not in {1, 3, 4, 5, 7, 40, 41, 52}]
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("items", [["x"], ["", "a,b", "1,2", "é😀", "\n\u0000", ""], [str(n) * n for n in range(50)]])
 def test_joined_strings_split_back_exactly(items) -> None:
     blob, lengths = spool.joined(items)
