@@ -18,6 +18,9 @@ counting as 1 (its messages are unknown, and the alert must still see it), is lo
 not opened again while its size and modification time stay the same (a quick_check reads the
 whole file).
 
+A lock file with no spool file beside it is what a process killed between taking its lock and
+creating its file leaves: whoever can take that lock removes it.
+
 Error policy: a file that cannot be adopted, or a failed listing, is logged and tried again at
 the next scan; any other exception ends the thread, which the service notices.
 """
@@ -75,7 +78,8 @@ class SpoolAdopter(threading.Thread):
                 return
 
     def scan(self) -> None:
-        """One round: find the orphans, open and count them, adopt them one by one."""
+        """One round: find the orphans, open and count them, adopt them one by one; then the lock
+        files left without a spool file."""
         orphans = self._claim_orphans()
         try:
             found = {path: self._open(path) for path, _lock in orphans}
@@ -89,6 +93,18 @@ class SpoolAdopter(threading.Thread):
                     directory.remove(path)  # under its lock (let go below), the lock file last
         finally:
             for _path, lock in orphans:
+                lock.close()
+        self._remove_stale_locks()
+
+    def _remove_stale_locks(self) -> None:
+        for path in directory.without_file(self._directory):
+            lock = directory.try_claim(path)
+            if lock is None:
+                continue  # its process lives and is about to create its file
+            try:
+                if directory.gone(path):
+                    directory.remove(path)  # the lock file, still held (see file.claim)
+            finally:
                 lock.close()
 
     def _claim_orphans(self) -> list[tuple[Path, IO[bytes]]]:

@@ -132,16 +132,28 @@ def claim(path: Path) -> IO[bytes]:
     """An exclusive lock on `<path>.lock`, held while the returned file stays open: a spool has one
     writer, and a second process on the same file would feed and delete the first one's rows."""
     lock_path = path.with_name(path.name + ".lock")
-    try:
-        handle = lock_path.open("ab")
-    except OSError as exc:
-        raise SpoolError(f"spool {path}: cannot create {lock_path.name}: {exc.strerror}") from None
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        try:
+            handle = lock_path.open("ab")
+        except OSError as exc:
+            raise SpoolError(f"spool {path}: cannot create {lock_path.name}: {exc.strerror}") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise SpoolError(f"spool {path}: in use by another ingest process (a spool has one writer)") from None
+        if _still_there(handle, lock_path):
+            return handle
+        # Its holder removed it between our open and our lock (an adopter, done with the file or
+        # clearing a lock left without one): a lock on a removed file would hold nothing.
         handle.close()
-        raise SpoolError(f"spool {path}: in use by another ingest process (a spool has one writer)") from None
-    return handle
+
+
+def _still_there(handle: IO[bytes], lock_path: Path) -> bool:
+    try:
+        return os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def open_spool(path: Path, sync: str = "full", *, create: bool = True, writable: bool = True) -> sqlite3.Connection:
