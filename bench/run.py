@@ -326,7 +326,11 @@ def sqlite_case(args: argparse.Namespace, rows: list[dict[str, object]]) -> None
         report("sqlite", url, count, raw, args)
 
 
-MODES = ("memory", "spool-full", "spool-normal", "auth", "workers-2", "workers-2-pinned", "nats-r3", "nats-r3-2w")
+MODES = ("memory", "spool-full", "spool-normal", "spool-dir", "workers-2-spool", "auth", "workers-2",
+         "workers-2-pinned", "nats-r3", "nats-r3-2w")
+# A mode's ratio to another mode of the same run, beside its ratio to memory mode: what scaling to
+# more processes gives with a spool (issue 18's goal: 1.5x).
+VERSUS = {"workers-2-spool": "spool-dir"}
 BENCH_TOKEN = "bench-token-0123456789abcdef"
 
 
@@ -359,7 +363,9 @@ class Stream:
 
 
 def mode_flags(mode: str, tmp: str, stream: Stream | None = None) -> Mode:
-    """memory: no spool; spool-SYNC: a fresh spool file with that --spool-sync; auth: memory mode
+    """memory: no spool; spool-SYNC: a fresh spool file with that --spool-sync; spool-dir: a fresh
+    spool directory (--spool DIR/, sync full), one process; workers-2-spool: the same with
+    --workers 2 (a file each in the directory); auth: memory mode
     with --auth-tokens, every request carrying a valid bearer token; nats-r3: a listener only
     (--buffer, --consumers 0) and one `ingest write` process (nats-r3-2w: two) on a 3-node
     stream."""
@@ -369,9 +375,12 @@ def mode_flags(mode: str, tmp: str, stream: Stream | None = None) -> Mode:
         assert stream is not None
         buffer = ["--buffer", stream.cluster.urls]
         return Mode([*buffer, "--consumers", "0"], writers=buffer, count=2 if mode.endswith("-2w") else 1)
-    if mode.startswith("workers-"):  # workers-N, or workers-N-pinned for --pin-workers
-        count, _, pinned = mode.removeprefix("workers-").partition("-")
-        return Mode(["--workers", count, *(["--pin-workers"] if pinned == "pinned" else [])])
+    if mode == "spool-dir":
+        return Mode(["--spool", f"{tmp}/{uuid.uuid4().hex[:8]}.d/", "--spool-sync", "full"])
+    if mode.startswith("workers-"):  # workers-N, workers-N-pinned for --pin-workers, workers-N-spool
+        count, _, variant = mode.removeprefix("workers-").partition("-")
+        extra = {"pinned": ["--pin-workers"], "spool": mode_flags("spool-dir", tmp).flags}.get(variant, [])
+        return Mode(["--workers", count, *extra])
     if mode == "auth":
         tokens = Path(tmp) / "tokens"
         tokens.write_text(f"bench:{BENCH_TOKEN}\n")
@@ -387,6 +396,7 @@ def report(label: str, url: str, count: Callable[[], int], raw: float, args: arg
     ratio is taken between neighbours, and the median of the rounds is the figure.
     """
     memory: dict[int, float] = {}
+    medians: dict[tuple[str, int], float] = {}  # (mode, batch) -> its median rate in this run
     with tempfile.TemporaryDirectory() as tmp:
         fsync = fsync_ms(tmp)
         print(f"{label} spool disk ({tmp}): fsync of a 4 KiB write {fsync[0]:.2f} ms median, {fsync[1]:.2f} ms p90; "
@@ -421,6 +431,7 @@ def report(label: str, url: str, count: Callable[[], int], raw: float, args: arg
                     print(f"{label} {mode:12} {name}: {rate:,.0f} msgs/s end to end; ingest / raw = "
                           f"{rate / raw:.3f}{versus}; peak RSS {rss:.0f} MiB")
                 rate = statistics.median(rates)
+                medians[mode, batch] = rate
                 if mode == "memory":
                     memory[batch] = rate
                 summary = [
@@ -430,6 +441,8 @@ def report(label: str, url: str, count: Callable[[], int], raw: float, args: arg
                 ]
                 if batch in memory and mode != "memory":
                     summary.append(f"/ memory = {rate / memory[batch]:.2f}")
+                if (VERSUS.get(mode), batch) in medians:
+                    summary.append(f"/ {VERSUS[mode]} = {rate / medians[VERSUS[mode], batch]:.2f}")
                 if summary:
                     print(f"{label} {mode:12} {name}: " + "; ".join(summary))
 
@@ -449,6 +462,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["postgres", "sqlite"])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="memory (no spool), a spool with --spool-sync full or normal, "
+                             "spool-dir (a spool directory, one process), workers-2-spool (the same with "
+                             "--workers 2; also printed / spool-dir), "
                              "auth (memory with --auth-tokens), workers-2 (memory with --workers 2), "
                              "workers-2-pinned (the same with --pin-workers), nats-r3 (a listener, a 3-node "
                              "stream with sync_interval always, one `ingest write` process; nats-r3-2w: two)")

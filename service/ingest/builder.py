@@ -199,10 +199,12 @@ def _spool_and_intake(
         return NoSpool(), intake
     folder = settings.spool_directory  # with a directory, this process's own file in it
     path = spool_directory.own_file(folder) if folder is not None else Path(settings.spool)
-    # The hand-off to the feeder holds what the feeder takes at once (SpoolStage's chunk): enough
-    # to keep the buffer fed while the writer is ahead, no more memory than that when it is not.
+    # The hand-off to the feeder holds as many messages as the buffer (at least what the feeder
+    # takes at once, SpoolStage's chunk): a backlog up to twice the buffer is fed as the listener
+    # made it; past that the feeder reads the file and makes every message again (with 2 batches,
+    # 16-84 % of NDJSON requests under bench/run.py were read back), and memory stays bounded.
     writer = SpoolWriter(path, sync=settings.spool_sync, max_bytes=settings.spool_max_bytes,
-                         hand_off=2 * settings.batch_size)
+                         hand_off=max(2 * settings.batch_size, settings.queue_size))
     stage = SpoolStage(writer, buffer=buffer, batch_size=settings.batch_size, hard_stop=shutdown.hard_stop,
                        ledger=ledger, directory=folder)
     return stage, SpoolIntake(writer, retry_after_s=throughput.retry_after_s)

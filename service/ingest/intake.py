@@ -64,8 +64,10 @@ class SpoolIntake:
         self._retry_after_s = retry_after_s
 
     async def submit(self, batch: list[Message]) -> None:
+        future = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wrap_future(self._writer.submit(batch))
+            self._writer.submit_on_loop(batch, future)
+            await future
         except SpoolFull as exc:
             exc.retry_after_s = self._retry_after_s(len(batch))
             raise

@@ -36,7 +36,7 @@ from ingest.config import Settings, mask_url
 from ingest.db import migrate
 from ingest.db.pool import ConnectionPool
 from ingest.errors import IngestError, SchemaNotReady, StartupError, first_line
-from ingest.service import EXIT_OK, Service, WorkerSlot
+from ingest.service import EXIT_OK, Service, WorkerSlot, collect_less_often
 from ingest.shutdown import exit_process, on_signals
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,7 @@ def _worker_main(settings: Settings, slot: WorkerSlot, reports: Queue[tuple[int,
     try:
         if settings.pin_workers:
             _pin(slot.index)
+        collect_less_often()
         service = Service(settings, worker=slot)
         service.shutdown.install_signal_handlers()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches a worker through the parent, once

@@ -6,6 +6,7 @@ committed request, track it, forget what was stored), with no database in the wa
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from pathlib import Path
@@ -95,6 +96,87 @@ def test_past_the_hand_off_bound_requests_are_read_back_from_the_file(tmp_path) 
         writer.close()
         writer.join(30)
         writer.release()
+
+
+class _CountingLoop(asyncio.SelectorEventLoop):
+    """A real loop that counts the wake-ups other threads ask of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.woken = 0
+
+    def call_soon_threadsafe(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.woken += 1
+        return super().call_soon_threadsafe(*args, **kwargs)
+
+
+def test_the_requests_of_one_commit_wake_their_loop_once(tmp_path) -> None:
+    """The listener's futures are settled by one callback a commit, not one a request; a waiter
+    whose handler went away (cancelled) does not keep the others from their answer."""
+    writer = SpoolWriter(tmp_path / "spool.db", sync="normal", max_bytes=10**6)
+    writer.open()
+    loop = _CountingLoop()
+
+    async def accept() -> list[asyncio.Future[None]]:
+        futures = [loop.create_future() for _ in range(5)]
+        for n, future in enumerate(futures):  # queued before the thread runs: one commit takes them all
+            writer.submit_on_loop([Message(f'{{"n": {n}}}', 1.0, ident=f"g:t:{n}")], future)
+        futures[2].cancel()
+        writer.start()
+        await asyncio.wait_for(asyncio.gather(*futures[:2], *futures[3:]), 10)
+        return futures
+
+    try:
+        futures = loop.run_until_complete(accept())
+        assert loop.woken == 1 and writer.commits == 1
+        assert [f.cancelled() for f in futures] == [False, False, True, False, False]
+        assert [seq for seq, _ in _rows(writer.path)] == [1, 2, 3, 4, 5]  # the cancelled one is on disk too
+    finally:
+        writer.close()
+        writer.join(30)
+        writer.release()
+        loop.close()
+
+
+def test_a_failed_commit_answers_every_waiting_coroutine(writer) -> None:
+    """SpoolUnavailable reaches each request of a failed commit on the listener's loop (503)."""
+    lock = sqlite3.connect(writer.path, isolation_level=None)
+
+    async def refused() -> list[BaseException | None]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(3)]
+        for n, future in enumerate(futures):
+            writer.submit_on_loop([Message(f'{{"n": {n}}}', 1.0, ident=f"g:t:refused:{n}")], future)
+        return await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 30)
+
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        outcomes = asyncio.run(refused())
+        assert [type(outcome) for outcome in outcomes] == [SpoolUnavailable] * 3
+        assert writer.messages == 0
+    finally:
+        lock.close()
+
+
+def test_a_commit_of_many_rows_writes_each_once_in_order_and_deletes_runs(tmp_path) -> None:
+    """Rows go in multi-row statements (at most 32 rows, at most STATEMENT_BYTES a statement but
+    for a larger row alone); deletes go by runs of consecutive seqs."""
+    conn = spool.open_spool(tmp_path / "spool.db", "normal")
+    big = "x" * spool.STATEMENT_BYTES
+    sizes = [10] * 45 + [spool.STATEMENT_BYTES] + [10] * 3 + [spool.STATEMENT_BYTES // 2] * 3
+    rows = [(seq, 1.0, 0, None, None, None, 1, size, f"g:{seq}", "1", big[:size], str(size))
+            for seq, size in enumerate(sizes, start=1)]
+    try:
+        conn.execute("BEGIN")
+        spool.insert(conn, rows)
+        conn.execute("COMMIT")
+        stored = conn.execute("SELECT seq, bytes, idents, texts FROM spool ORDER BY seq").fetchall()
+        assert stored == [(seq, size, f"g:{seq}", big[:size]) for seq, size in enumerate(sizes, start=1)]
+        spool.delete(conn, [7, 3, 4, 5, 40, 41, 52, 1])
+        left = [seq for (seq,) in conn.execute("SELECT seq FROM spool ORDER BY seq")]
+        assert left == [seq for seq in range(1, 53) if seq not in {1, 3, 4, 5, 7, 40, 41, 52}]
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize("items", [["x"], ["", "a,b", "1,2", "é😀", "\n\u0000", ""], [str(n) * n for n in range(50)]])

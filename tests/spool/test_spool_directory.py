@@ -321,11 +321,61 @@ def test_an_orphan_that_cannot_be_adopted_is_counted_logged_once_and_left_as_it_
     service = make_service(spool=f"{folder}/")
     wait_until(lambda: metric(service, "ingest_spool_orphaned_messages") == 1, 10, "the damaged orphan counted")
     assert service.spool.adopter is not None
-    service.spool.adopter.scan()  # a second round: counted again, not logged again
+    adopter = service.spool.adopter
+    opened = adopter.opened
+    adopter.scan()  # a second round: counted again, not logged again, not opened again (unchanged)
     said = [r.getMessage() for r in caplog.records if "it cannot be adopted" in r.getMessage()]
     assert len(said) == 1 and f"spool {damaged}: damaged" in said[0], said
     assert damaged.read_bytes() == before
     assert metric(service, "ingest_spool_orphaned_messages") == 1
+    assert adopter.opened == opened
+    changed = damaged.stat().st_mtime_ns + 1_000_000_000
+    os.utime(damaged, ns=(changed, changed))  # someone touched it: looked at again
+    adopter.scan()
+    assert adopter.opened == opened + 1 and metric(service, "ingest_spool_orphaned_messages") == 1
+
+
+def test_a_lock_file_left_without_its_spool_file_is_removed_by_whoever_can_take_it(tmp_path) -> None:
+    """A process killed between taking its lock and creating its file leaves only the lock file;
+    one whose process lives (about to create its file) is left alone."""
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    stale = directory.lock_path(folder / "spool-killed-1.db")
+    stale.touch()
+    living = spool.claim(folder / "spool-starting-2.db")  # a live process, its file not made yet
+    writer = SpoolWriter(directory.own_file(folder), sync="normal", max_bytes=1 << 30)
+    writer.open()
+    writer.start()
+    try:
+        SpoolAdopter(writer, folder).scan()
+        assert not stale.exists()
+        assert directory.lock_path(folder / "spool-starting-2.db").exists()
+        living.close()  # that process died too, still before making its file
+        SpoolAdopter(writer, folder).scan()
+        assert sorted(p.name for p in folder.iterdir() if p.suffix == ".lock") == [writer.path.name + ".lock"]
+    finally:
+        living.close()
+        writer.close()
+        writer.join()
+        writer.release()
+
+
+def test_an_orphan_is_opened_once_to_be_counted_and_adopted(tmp_path) -> None:
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    writer = SpoolWriter(directory.own_file(folder), sync="normal", max_bytes=1 << 30)
+    writer.open()
+    writer.start()
+    try:
+        _orphan(folder / "spool-orphan.db", range(50), "r")
+        adopter = SpoolAdopter(writer, folder)
+        adopter.scan()
+        assert (adopter.opened, adopter.adopted, adopter.orphaned) == (1, 50, 0)
+        assert _files(folder) == [writer.path] and writer.messages == 50
+    finally:
+        writer.close()
+        writer.join()
+        writer.release()
 
 
 def _worker_pids(parent: int) -> list[int]:

@@ -18,7 +18,7 @@ from ingest.errors import SpoolError
 @settings_options
 def serve(**values: Any) -> None:
     """Run the service until SIGINT/SIGTERM, then drain and exit."""
-    from ingest.service import Service
+    from ingest.service import Service, collect_less_often
     from ingest.shutdown import exit_process
 
     settings = Settings.from_mapping(values)
@@ -30,6 +30,7 @@ def serve(**values: Any) -> None:
         from ingest.workers import Workers
 
         sys.exit(Workers(settings).run())
+    collect_less_often()
     service = Service(settings)
     # Before start: a SIGTERM during start-up (a `docker stop` right after `up`) must not be lost,
     # and as PID 1 without a handler it would be. The drain then begins as soon as start returns.

@@ -67,7 +67,7 @@ def stream_status(**values: Any) -> None:
 def write(**values: Any) -> None:
     """Run a writer only: requests from the stream into the database, until SIGINT/SIGTERM.
     Its port (--port) serves /metrics, /healthz and /readyz; POST /messages is refused (404)."""
-    from ingest.service import Service
+    from ingest.service import Service, collect_less_often
     from ingest.shutdown import exit_process
 
     settings = _stream_settings(values)
@@ -79,6 +79,7 @@ def write(**values: Any) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
     )
+    collect_less_often()
     service = Service(settings, listens=False)
     service.shutdown.install_signal_handlers()
     service.start()

@@ -11,7 +11,7 @@ function writes in the caller's transaction and leaves errors to the store:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.engine import Connection
 
@@ -84,8 +84,13 @@ def _copy_data(batch: list[Message], *, idents: bool = True) -> str:
     received = stamps([m.received_at for m in batch], sqlite=False)
     if not idents:
         return "".join(f"{stamp}\t{_copy_escape(m.text)}\n" for stamp, m in zip(received, batch, strict=True))
+    marks = [m.ident for m in batch]
+    if None in marks or "\\" in "".join(cast(list[str], marks)):
+        marks = [_copy_ident(ident) for ident in marks]
+    # Else (generated identities, most keys: one look at them all) nothing to escape, and no
+    # call a message for it: 20-30 % of a consumer's Python time in _copy_data with a spool.
     return "".join(
-        f"{stamp}\t{_copy_escape(m.text)}\t{_copy_ident(m.ident)}\n" for stamp, m in zip(received, batch, strict=True)
+        f"{stamp}\t{_copy_escape(m.text)}\t{mark}\n" for stamp, m, mark in zip(received, batch, marks, strict=True)
     )
 
 

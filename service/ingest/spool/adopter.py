@@ -3,8 +3,8 @@
 With `--spool DIR` (directory.py), at start and then every ADOPT_INTERVAL_S, this thread lists
 the directory's spool files other than its own and tries each one's lock without waiting. A
 free lock means the file's process is gone (exited, killed, scaled away): the file is an orphan.
-Holding its lock, the thread opens it (file.open_spool: checked, upgraded to the current format),
-and hands it to this process's spool writer, which appends its rows to its own file in one
+Holding its lock, the thread opens it once (file.open_spool: checked, upgraded to the current
+format, counted), and hands it to this process's spool writer, which appends its rows to its own file in one
 transaction (absorb.py); then the orphan's files are deleted, still under its lock, and the lock
 is let go. The feeder stores the adopted messages after the backlog already here.
 
@@ -14,8 +14,12 @@ database's unique index; receipts count only rows actually inserted).
 
 `orphaned` (ingest_spool_orphaned_messages): messages in orphans the latest scan found, less
 those adopted since; a file that cannot be adopted (damaged, or of a newer format) keeps
-counting, and is logged once; one that cannot even be counted counts as 1 (its messages are
-unknown, and the alert must still see it).
+counting as 1 (its messages are unknown, and the alert must still see it), is logged once, and is
+not opened again while its size and modification time stay the same (a quick_check reads the
+whole file).
+
+A lock file with no spool file beside it is what a process killed between taking its lock and
+creating its file leaves: whoever can take that lock removes it.
 
 Error policy: a file that cannot be adopted, or a failed listing, is logged and tried again at
 the next scan; any other exception ends the thread, which the service notices.
@@ -52,6 +56,8 @@ class SpoolAdopter(threading.Thread):
         self._interval_s = interval_s
         self._halt = threading.Event()
         self._reported: set[Path] = set()  # files that could not be adopted, said once
+        self._refused: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) when it could not be opened
+        self.opened = 0  # orphans opened (checked), since start
         self.orphaned = 0
         self.adopted = 0  # messages, since start
 
@@ -72,19 +78,33 @@ class SpoolAdopter(threading.Thread):
                 return
 
     def scan(self) -> None:
-        """One round: find the orphans, count them, adopt them one by one."""
+        """One round: find the orphans, open and count them, adopt them one by one; then the lock
+        files left without a spool file."""
         orphans = self._claim_orphans()
         try:
-            found = {path: self._count(path) for path, _lock in orphans}
-            self.orphaned = sum(UNCOUNTED if n is None else n for n in found.values())
+            found = {path: self._open(path) for path, _lock in orphans}
+            self.orphaned = sum(UNCOUNTED if status is None else status.messages for status in found.values())
             for path, _lock in orphans:
-                if found[path] is None or self._halt.is_set():
+                status = found[path]
+                if status is None or self._halt.is_set():
                     continue
-                if self._adopt(path):
-                    self.orphaned -= found[path] or 0
+                if self._adopt(path, status):
+                    self.orphaned -= status.messages
                     directory.remove(path)  # under its lock (let go below), the lock file last
         finally:
             for _path, lock in orphans:
+                lock.close()
+        self._remove_stale_locks()
+
+    def _remove_stale_locks(self) -> None:
+        for path in directory.without_file(self._directory):
+            lock = directory.try_claim(path)
+            if lock is None:
+                continue  # its process lives and is about to create its file
+            try:
+                if directory.gone(path):
+                    directory.remove(path)  # the lock file, still held (see file.claim)
+            finally:
                 lock.close()
 
     def _claim_orphans(self) -> list[tuple[Path, IO[bytes]]]:
@@ -102,28 +122,35 @@ class SpoolAdopter(threading.Thread):
             orphans.append((path, lock))
         return orphans
 
-    def _count(self, path: Path) -> int | None:
-        """Its messages, read-only; None when it cannot be adopted (said once a file)."""
+    def _open(self, path: Path) -> spool.Status | None:
+        """Open it once, under its lock: checked, upgraded, counted. None when it cannot be adopted
+        (said once a file), also without opening it again while it has not changed since."""
         try:
-            conn = spool.open_spool(path, create=False, writable=False)
-            try:
-                return spool.status(conn).messages
-            finally:
-                conn.close()
-        except (SpoolError, sqlite3.Error) as exc:
-            if path not in self._reported:
-                self._reported.add(path)
-                log.error("%s; it cannot be adopted: move it aside, or drain it with the ingest that wrote it", exc)
+            stat = path.stat()
+        except OSError:
+            return None  # adopted and removed by another since we listed it (or unreadable): next scan
+        seen = (stat.st_size, stat.st_mtime_ns)
+        if self._refused.get(path) == seen:
             return None
-
-    def _adopt(self, path: Path) -> bool:
-        """Hand the orphan to the writer and wait for its commit; False if it stays where it is."""
+        self.opened += 1
         try:
-            conn = spool.open_spool(path, self._writer.sync, create=False)  # checked, upgraded
+            conn = spool.open_spool(path, self._writer.sync, create=False)
             try:
                 found = spool.status(conn)
             finally:
                 conn.close()
+        except (SpoolError, sqlite3.Error) as exc:
+            self._refused[path] = seen
+            if path not in self._reported:
+                self._reported.add(path)
+                log.error("%s; it cannot be adopted: move it aside, or drain it with the ingest that wrote it", exc)
+            return None
+        self._refused.pop(path, None)
+        return found
+
+    def _adopt(self, path: Path, found: spool.Status) -> bool:
+        """Hand the orphan to the writer and wait for its commit; False if it stays where it is."""
+        try:
             if found.messages:
                 self._wait(self._writer.absorb(path, found))
         except ShuttingDown:

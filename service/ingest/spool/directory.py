@@ -50,6 +50,13 @@ def spool_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob(f"{PREFIX}*{SUFFIX}") if p.is_file())
 
 
+def without_file(directory: Path) -> list[Path]:
+    """The spool files whose lock file is there but not the file: a process that took its lock
+    and died before creating its file (or one about to create it)."""
+    return sorted(p for lock in directory.glob(f"{PREFIX}*{SUFFIX}.lock")
+                  if not (p := lock.with_name(lock.name.removesuffix(".lock"))).exists())
+
+
 def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 

@@ -112,10 +112,11 @@ class SpoolFeeder(threading.Thread):
         for row in rows:
             receipt = self._writer.take_waiting(row.seq) or self._receipt(row, receipts)
             known = row.known or row.seq <= self._recovered_upto
-            batch.extend(
-                Message(text, row.received_at, ident=ident or None, known=known, seq=row.seq, receipt=receipt)
+            received_at, seq = row.received_at, row.seq
+            batch.extend([  # positional: half the cost of keywords, message by message
+                Message(text, received_at, ident or None, known, seq, receipt)
                 for text, ident in zip(row.texts, row.idents, strict=True)
-            )
+            ])
         return batch
 
     def _put(self, batch: list[Message]) -> bool:

@@ -19,10 +19,10 @@ import itertools
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 from urllib.parse import quote
 
 from ingest.errors import SpoolError
@@ -42,7 +42,16 @@ WAL_LIMIT_BYTES = 16 * 1024 * 1024
 
 COLUMNS = ("seq", "received_at", "known", "request", "accepted", "client", "messages", "bytes",
            "idents", "ident_lengths", "texts", "text_lengths")
-_INSERT = f"INSERT INTO spool ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_BYTES = COLUMNS.index("bytes")
+# A commit's rows go in multi-row INSERTs of 32, 16, 8, 4, 2 or 1 rows: a handful of statements
+# a commit, each one step (SQLite gives the GIL back for each step, and every time the writer
+# waits to get it back behind the listener and the consumers: most of a commit's time). Only these
+# six sizes are prepared, and each statement keeps the texts last bound to it (SQLite copies
+# them): a statement of more than one row holds at most STATEMENT_BYTES of them.
+STATEMENT_ROWS = (32, 16, 8, 4, 2, 1)
+STATEMENT_BYTES = 256 * 1024
+_ROW = f"({', '.join('?' * len(COLUMNS))})"
+_INSERTS = {n: f"INSERT INTO spool ({', '.join(COLUMNS)}) VALUES {', '.join([_ROW] * n)}" for n in STATEMENT_ROWS}
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE spool (seq INTEGER PRIMARY KEY, received_at REAL NOT NULL, known INTEGER NOT NULL, "
@@ -112,26 +121,39 @@ def split(blob: str, lengths: str, count: int) -> list[str]:
     """The strings `joined` made, back."""
     if count == 1:
         return [blob]
-    ends = list(itertools.accumulate(map(int, lengths.split(","))))
-    if len(ends) != count or ends[-1] != len(blob):
-        raise SpoolError(f"a spool row's lengths do not match its contents ({len(ends)} of {count})")
-    return [blob[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+    # Loops in C (map, slice): the feeder splits every message a spooled backlog holds, twice.
+    bounds = list(itertools.accumulate(map(int, lengths.split(",")), initial=0))
+    if len(bounds) != count + 1 or bounds[-1] != len(blob):
+        raise SpoolError(f"a spool row's lengths do not match its contents ({len(bounds) - 1} of {count})")
+    return list(map(blob.__getitem__, map(slice, bounds, bounds[1:])))
 
 
 def claim(path: Path) -> IO[bytes]:
     """An exclusive lock on `<path>.lock`, held while the returned file stays open: a spool has one
     writer, and a second process on the same file would feed and delete the first one's rows."""
     lock_path = path.with_name(path.name + ".lock")
-    try:
-        handle = lock_path.open("ab")
-    except OSError as exc:
-        raise SpoolError(f"spool {path}: cannot create {lock_path.name}: {exc.strerror}") from None
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        try:
+            handle = lock_path.open("ab")
+        except OSError as exc:
+            raise SpoolError(f"spool {path}: cannot create {lock_path.name}: {exc.strerror}") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise SpoolError(f"spool {path}: in use by another ingest process (a spool has one writer)") from None
+        if _still_there(handle, lock_path):
+            return handle
+        # Its holder removed it between our open and our lock (an adopter, done with the file or
+        # clearing a lock left without one): a lock on a removed file would hold nothing.
         handle.close()
-        raise SpoolError(f"spool {path}: in use by another ingest process (a spool has one writer)") from None
-    return handle
+
+
+def _still_there(handle: IO[bytes], lock_path: Path) -> bool:
+    try:
+        return os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def open_spool(path: Path, sync: str = "full", *, create: bool = True, writable: bool = True) -> sqlite3.Connection:
@@ -244,16 +266,48 @@ def status(conn: sqlite3.Connection) -> Status:
 
 
 def insert(conn: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -> None:
-    """Rows in the order of COLUMNS (the writer builds them).
+    """Rows in the order of COLUMNS (the writer builds them), in as few statements as STATEMENT_ROWS
+    and STATEMENT_BYTES allow. (A statement of any number of rows, tried before, kept a statement
+    of each size in the connection's cache with its texts: peak RSS 7 MiB up.)"""
+    for chunk in _statements(rows):
+        conn.execute(_INSERTS[len(chunk)], list(itertools.chain.from_iterable(chunk)))
 
-    executemany: one statement, prepared once. A statement of many rows (tried) saved a few steps
-    a commit, but each size is a statement of its own in the connection's cache, and each keeps
-    the texts last bound to it: peak RSS with a spool went 7 MiB up (89 against 96 MiB)."""
-    conn.executemany(_INSERT, rows)
+
+def _statements(rows: Sequence[tuple[object, ...]]) -> Iterator[Sequence[tuple[object, ...]]]:
+    """Runs of rows of at most STATEMENT_BYTES (a larger row alone), each cut in STATEMENT_ROWS sizes."""
+    first, size = 0, 0
+    for end, row in enumerate(rows):
+        row_bytes = cast(int, row[_BYTES])
+        if end > first and (end - first == STATEMENT_ROWS[0] or size + row_bytes > STATEMENT_BYTES):
+            yield from _sized(rows[first:end])
+            first, size = end, 0
+        size += row_bytes
+    yield from _sized(rows[first:])
+
+
+def _sized(run: Sequence[tuple[object, ...]]) -> Iterator[Sequence[tuple[object, ...]]]:
+    """13 rows: 8, 4 and 1."""
+    start = 0
+    for count in STATEMENT_ROWS:
+        while len(run) - start >= count:
+            yield run[start:start + count]
+            start += count
 
 
 def delete(conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
-    conn.executemany("DELETE FROM spool WHERE seq = ?", [(seq,) for seq in seqs])
+    """By runs of consecutive seqs, a statement each (rows are mostly stored in order: few runs)."""
+    conn.executemany("DELETE FROM spool WHERE seq BETWEEN ? AND ?", _runs(sorted(seqs)))
+
+
+def _runs(seqs: Sequence[int]) -> list[tuple[int, int]]:
+    """[1, 2, 3, 7, 8] → [(1, 3), (7, 8)]."""
+    runs: list[tuple[int, int]] = []
+    for seq in seqs:
+        if runs and runs[-1][1] == seq - 1:
+            runs[-1] = (runs[-1][0], seq)
+        else:
+            runs.append((seq, seq))
+    return runs
 
 
 def read_after(conn: sqlite3.Connection, after_seq: int, up_to_seq: int, max_messages: int) -> list[Row]:
