@@ -21,13 +21,9 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import aiohttp
-import psycopg
-from run import Served, Stream, migrate, mode_flags
+from run import Served, Stream, mode_flags, scratch_database
 
 PERCENTILES = (("p50", 0.50), ("p99", 0.99))
 
@@ -64,20 +60,6 @@ async def timed_requests(url: str, rate: float, seconds: float, batch: int, ack:
     return times
 
 
-@contextmanager
-def database(admin_url: str) -> Iterator[str]:
-    name = f"ingest_latency_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = f"{admin_url.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
-    try:
-        migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def measure(mode: str, db_url: str, tmp: str, args: argparse.Namespace) -> dict[str, list[float]]:
     stream = Stream(tmp) if mode.startswith("nats-") else None
     try:
@@ -107,7 +89,7 @@ def main() -> None:
     print(f"{args.rate:g} requests/s of {args.batch} messages for {args.seconds:g} s a run, open loop; "
           "ms from sending to the answer")
     results: dict[str, dict[str, list[float]]] = {}
-    with tempfile.TemporaryDirectory() as tmp, database(args.postgres) as db_url:
+    with tempfile.TemporaryDirectory() as tmp, scratch_database(args.postgres, "ingest_latency") as db_url:
         for mode in ("memory", "nats-r3"):
             results[mode] = measure(mode, db_url, tmp, args)
             for ack, answer in (("enqueue", "202"), ("commit", "201")):

@@ -29,7 +29,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -285,15 +286,24 @@ def migrate(db_url: str) -> None:
                    capture_output=True)
 
 
-def postgres_case(admin_url: str, args: argparse.Namespace, rows: list[dict[str, object]]) -> None:
-    name = f"ingest_bench_{uuid.uuid4().hex[:8]}"
+@contextmanager
+def scratch_database(admin_url: str, prefix: str) -> Iterator[str]:
+    """A fresh Postgres database, migrated, dropped afterwards: its SQLAlchemy URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    base = admin_url.rsplit("/", 1)[0]
-    plain = f"{base}/{name}"
-    sa_url = plain.replace("postgresql://", "postgresql+psycopg://", 1)
+    url = f"{admin_url.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
     try:
-        migrate(sa_url)
+        migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def postgres_case(admin_url: str, args: argparse.Namespace, rows: list[dict[str, object]]) -> None:
+    with scratch_database(admin_url, "ingest_bench") as sa_url:
+        plain = sa_url.replace("postgresql+psycopg://", "postgresql://", 1)
 
         def count() -> int:
             with psycopg.connect(plain) as conn:
@@ -303,9 +313,6 @@ def postgres_case(admin_url: str, args: argparse.Namespace, rows: list[dict[str,
         many = raw_postgres_executemany(plain, rows[: len(rows) // 4], 500)
         print(f"postgres raw: COPY {copy:,.0f} rows/s, executemany {many:,.0f} rows/s (batches of 500, one writer)")
         report("postgres", sa_url, count, copy, args)
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def sqlite_case(args: argparse.Namespace, rows: list[dict[str, object]]) -> None:

@@ -25,14 +25,10 @@ import sys
 import threading
 import time
 import urllib.request
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psycopg
-from run import Served, migrate  # the benchmark's own helpers: python puts bench/ on the path
+from run import Served, scratch_database  # the benchmark's own helpers: python puts bench/ on the path
 
 LATENCY = "ingest_message_latency_seconds"
 
@@ -121,20 +117,6 @@ def quantile(q: float, first: dict[float, float], last: dict[float, float]) -> f
     return lower
 
 
-@contextmanager
-def database(admin_url: str) -> Iterator[str]:
-    name = f"ingest_soak_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = f"{admin_url.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
-    try:
-        migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=20_000_000)
@@ -147,7 +129,7 @@ def main() -> None:
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test",
                         help="an admin URL; the soak creates and drops its own database")
     args = parser.parse_args()
-    with database(args.postgres) as url:
+    with scratch_database(args.postgres, "ingest_soak") as url:
         served = Served(url, shlex.split(args.serve))
         try:
             soak(served, args)
