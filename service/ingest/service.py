@@ -175,19 +175,20 @@ class Service:
             if dead is not None:
                 # No replacement: a new listener would need the port, a new spool thread the
                 # state the dead one held. Stop cleanly; a supervisor (Docker) restarts the process.
-                log.critical("the %s thread died; shutting down", dead)
-                self.shutdown.stopping.set()
-                self.stop()
-                return EXIT_LISTENER_DIED
+                return self._stop_for(EXIT_LISTENER_DIED, f"the {dead} thread died")
             self.supervisor.check()
             self.chores.tick()
             wrong = self.gate.tick()
             if wrong is not None:
-                log.critical("the database answered at last, but %s; shutting down", wrong)
-                self.shutdown.stopping.set()
-                self.stop()
-                return EXIT_START_FAILED
+                return self._stop_for(EXIT_START_FAILED, f"the database answered at last, but {wrong}")
         return self.stop()
+
+    def _stop_for(self, code: int, why: str) -> int:
+        """Stop on the main loop's own decision, with `code` whatever the drain does."""
+        log.critical("%s; shutting down", why)
+        self.shutdown.stopping.set()
+        self.stop()
+        return code
 
     # -- stop --------------------------------------------------------------------------------
 
