@@ -435,7 +435,7 @@ def test_a_database_without_the_tables_says_to_upgrade(empty_db_url, make_engine
     code, _, err = cli(capsys, "list", "--db", empty_db_url)
     assert code == 1
     assert one_line_error(err).endswith(
-        ": schema is at revision none, this ingest needs 0004 (missing messages, dead_letters, requests): "
+        ": schema is at revision none, this ingest needs 0005 (missing messages, dead_letters, requests): "
         "run `ingest db upgrade`"
     )
 
@@ -443,7 +443,7 @@ def test_a_database_without_the_tables_says_to_upgrade(empty_db_url, make_engine
     code, _, err = cli(capsys, "replay", "--db", empty_db_url, "--all")
     assert code == 1
     assert one_line_error(err).endswith(
-        ": schema is at revision 0002, this ingest needs 0004 "
+        ": schema is at revision 0002, this ingest needs 0005 "
         "(missing dead_letters.ident, dead_letters.request, dead_letters.client, requests): run `ingest db upgrade`"
     )
 

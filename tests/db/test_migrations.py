@@ -16,7 +16,7 @@ def test_upgrade_creates_tables_without_drift(empty_db_url, make_engine) -> None
     assert migrate.current(engine) is None
     migrate.upgrade(engine)
     migrate.upgrade(engine)  # a second run is a no-op
-    assert migrate.current(engine) == migrate.head() == "0004"
+    assert migrate.current(engine) == migrate.head() == "0005"
     assert {"messages", "dead_letters", "alembic_version"} <= set(inspect(engine).get_table_names())
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
@@ -28,9 +28,9 @@ def test_ingest_db_upgrade_command_from_any_directory(postgres_url, tmp_path) ->
     command = [sys.executable, "-m", "ingest", "db", "upgrade", "--db", postgres_url]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith(": empty -> 0004")
+    assert done.stdout.strip().endswith(": empty -> 0005")
     again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    assert again.stdout.strip().endswith(": 0004 -> 0004")
+    assert again.stdout.strip().endswith(": 0005 -> 0005")
 
 
 def test_serve_without_migrations_on_empty_database_says_what_to_do(empty_sqlite_url) -> None:
@@ -40,7 +40,7 @@ def test_serve_without_migrations_on_empty_database_says_what_to_do(empty_sqlite
     )
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == (
-        "ingest: error: database schema is at revision none, this ingest needs 0004 "
+        "ingest: error: database schema is at revision none, this ingest needs 0005 "
         "(missing messages, dead_letters, requests): run `ingest db upgrade` or start without --no-migrate"
     )
 
@@ -75,7 +75,7 @@ def test_upgrading_from_0003_keeps_receipts_and_letters_without_a_client(empty_d
             "VALUES (CURRENT_TIMESTAMP, '{', 'refused', 'old-1')"
         ))
     migrate.upgrade(engine)
-    assert migrate.current(engine) == "0004"
+    assert migrate.current(engine) == "0005"
     with engine.connect() as conn:
         assert conn.execute(text("SELECT id, accepted, stored, dead_lettered, client FROM requests")).all() == [
             ("old-1", 3, 2, 1, None)

@@ -95,6 +95,55 @@ def test_a_refused_message_is_dead_lettered_and_the_rest_of_its_batch_stored(mak
     assert stages.sample("ingest_db_retries_total") == 0  # refused is permanent: never retried
 
 
+def test_a_request_written_again_is_neither_dead_lettered_nor_counted_twice(make_stages: MakeStages,
+                                                                            head_db_url: str) -> None:
+    """A stream's request delivered again after its writer died between the commit and the ack (or
+    a spool's row fed again after a crash lost its deletion): the same request, message for message."""
+    stages = make_stages(head_db_url)
+    refuse_bad(stages.engine)
+    texts = bodies(3)
+    texts[1] = json.dumps({"n": 1, "bad": True})
+
+    def delivery(request: str = "req-1") -> list[Message]:
+        receipt = Receipt(request, 3, MOMENT)
+        return [Message(t, MOMENT, ident=f"k:req-1:{n}", receipt=receipt) for n, t in enumerate(texts)]
+
+    first = stages.store.write(delivery())
+    again = stages.store.write(delivery())
+
+    assert [m.ident for m, _ in first.dead] == [m.ident for m, _ in again.dead] == ["k:req-1:1"]
+    assert [m.ident for m in again.duplicates] == ["k:req-1:0", "k:req-1:2"]
+    assert [ident for ident, _, _ in stages.letters()] == ["k:req-1:1"]
+    assert _receipt(stages, "req-1") == (2, 1)
+    assert stages.sample("ingest_messages_dead_lettered_total") == 1
+    # A client's retry under a request id of its own: its letter, which a replay moves into its receipt.
+    stages.store.write(delivery("req-2"))
+    assert [ident for ident, _, _ in stages.letters()] == ["k:req-1:1", "k:req-1:1"]
+    assert _receipt(stages, "req-2") == (2, 1)
+
+
+def test_a_request_written_again_after_its_first_writing_stored_only_part_counts_each_once(
+        make_stages: MakeStages, head_db_url: str) -> None:
+    """The first writing's writer died after storing the good messages and before the letter:
+    the second writing finds them stored and letters the refused one; the receipt ends 2 and 1."""
+    stages = make_stages(head_db_url)
+    refuse_bad(stages.engine)
+    texts = bodies(3)
+    texts[1] = json.dumps({"n": 1, "bad": True})
+    receipt = Receipt("req-1", 3, MOMENT)
+    whole = [Message(t, MOMENT, ident=f"k:req-1:{n}", receipt=receipt) for n, t in enumerate(texts)]
+    stages.store.write([whole[0], whole[2]])
+    stages.store.write([Message(m.text, MOMENT, ident=m.ident, receipt=Receipt("req-1", 3, MOMENT)) for m in whole])
+    assert [ident for ident, _, _ in stages.letters()] == ["k:req-1:1"]
+    assert _receipt(stages, "req-1") == (2, 1)
+
+
+def _receipt(stages: Stages, request: str) -> tuple[int, int]:
+    with stages.engine.connect() as conn:
+        row = conn.execute(select(requests.c.stored, requests.c.dead_lettered).where(requests.c.id == request)).one()
+    return (row.stored, row.dead_lettered)
+
+
 def test_text_jsonb_refuses_is_dead_lettered_as_received(make_stages: MakeStages, postgres_head_url: str) -> None:
     """On Postgres the payload is jsonb: the database, not the listener, finds this text invalid."""
     stages = make_stages(postgres_head_url)

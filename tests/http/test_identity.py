@@ -181,7 +181,7 @@ def test_upgrading_a_database_with_rows_keeps_them_and_dedupes_new_writes(make_e
                 {"p": json.dumps({"old": n})},
             )
     migrate.upgrade(engine)
-    assert migrate.current(engine) == "0004"
+    assert migrate.current(engine) == "0005"
     with engine.begin() as conn:
         assert conn.execute(text("SELECT count(*) FROM messages WHERE ident IS NULL")).scalar_one() == 3
         insert = text("INSERT INTO messages (received_at, payload, ident) VALUES (CURRENT_TIMESTAMP, '{}', :i)")

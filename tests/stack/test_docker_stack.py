@@ -150,7 +150,7 @@ def test_up_starts_postgres_then_migrate_then_ingest_then_proxy(stack: Stack) ->
     assert postgres_healthy < migrate_start < migrate_die < ingest_start < ingest_healthy < proxy_start, timeline
     (migrate,) = stack.containers("migrate", all_states=True)
     assert stack.inspect(migrate)["State"]["ExitCode"] == 0
-    assert stack.sql("SELECT version_num FROM alembic_version") == "0004"
+    assert stack.sql("SELECT version_num FROM alembic_version") == "0005"
 
 
 def test_messages_pushed_through_the_proxy_land_in_postgres(stack: Stack) -> None:

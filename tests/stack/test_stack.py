@@ -469,7 +469,7 @@ def test_the_image_install_step_rehearsed_builds_a_package_that_migrates(tmp_pat
         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
     )
     assert upgrade.returncode == 0, upgrade.stderr
-    assert upgrade.stdout.strip().endswith("empty -> 0004")
+    assert upgrade.stdout.strip().endswith("empty -> 0005")
 
 
 def test_dockerignore_matcher_follows_dockers_rules() -> None:

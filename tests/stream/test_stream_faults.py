@@ -23,6 +23,7 @@ from support.idempotent_load import IdempotentLoad
 from support.nats_cluster import NatsCluster, init_stream
 from support.probes import metric_text
 from support.serving import ServeProcess
+from support.stages import refuse_bad
 from support.tcpproxy import TcpProxy
 from support.waiting import wait_until
 
@@ -50,6 +51,15 @@ def counts(url: str) -> tuple[int, int]:
         with engine.connect() as conn:
             rows, idents = conn.execute(text("SELECT count(*), count(DISTINCT ident) FROM messages")).one()
             return int(rows), int(idents)
+    finally:
+        engine.dispose()
+
+
+def letters(url: str) -> int:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM dead_letters")).scalar_one())
     finally:
         engine.dispose()
 
@@ -190,14 +200,19 @@ def test_a_writer_killed_after_its_commit_and_before_its_ack(
     proxies: Callable[[int], TcpProxy],
 ) -> None:
     """The writer's database and NATS connections go through proxies: its write is held until
-    its NATS connection is frozen, so its commit lands and its ack cannot; then kill -9."""
+    its NATS connection is frozen, so its commit lands and its ack cannot; then kill -9. One
+    message the database refuses: its letter is written once, and its receipt counts it once."""
+    engine = create_engine(postgres_head_url)
+    refuse_bad(engine)
+    engine.dispose()
     listener = make_service(buffer=stream_ready.urls, db_url=postgres_head_url, consumers=0)
     database, nats = proxies(5432), proxies(stream_ready.nodes[0].client_port)
     writer = ServeProcess(["--buffer", f"nats://127.0.0.1:{nats.port}", "--db", via(postgres_head_url, database),
                            "--consumers", "1"], command="write")
+    bodies = [[{"r": r, "i": i, **({"bad": True} if (r, i) == (2, 3) else {})} for i in range(10)] for r in range(5)]
     try:
         database.freeze()
-        ids = [post_ndjson(listener.url, [{"r": r, "i": i} for i in range(10)]).json()["request"] for r in range(5)]
+        ids = [post_ndjson(listener.url, body).json()["request"] for body in bodies]
         wait_until(lambda: status(stream_ready).ack_pending == 5, 15, "the stream to deliver the 5 requests")
         # Delivered is not received: the bytes may still be in the proxy. Taken by a consumer or
         # waiting in the writer's buffer, all 50 are in the writer before its NATS link freezes.
@@ -207,7 +222,8 @@ def test_a_writer_killed_after_its_commit_and_before_its_ack(
         nats.freeze()
         database.thaw()
         try:
-            wait_until(lambda: counts(postgres_head_url)[0] == 50, 30, "the writer's commit")
+            wait_until(lambda: counts(postgres_head_url)[0] == 49 and letters(postgres_head_url) == 1, 30,
+                       "the writer's commit and its letter")
         except AssertionError as exc:
             raise AssertionError("the writer said:\n" + "".join(writer.log)) from exc
     finally:
@@ -215,11 +231,13 @@ def test_a_writer_killed_after_its_commit_and_before_its_ack(
     assert status(stream_ready).messages == 5
     second = make_service(buffer=stream_ready.urls, db_url=postgres_head_url, consumers=1)
     wait_until(lambda: status(stream_ready).messages == 0, 30, "the requests delivered again and acked")
-    assert counts(postgres_head_url) == (50, 50)
-    assert second.metrics.duplicates._value.get() == 50  # delivered again, found stored
-    for request_id in ids:
-        assert receipt_row(postgres_head_url, request_id) == (10, 10), "not counted twice"
-        assert request(f"{listener.url}/requests/{request_id}").json()["stored"] == 10
+    assert counts(postgres_head_url) == (49, 49)
+    assert letters(postgres_head_url) == 1, "the refused message lettered once"
+    assert second.metrics.duplicates._value.get() == 49  # delivered again, found stored
+    for r, request_id in enumerate(ids):
+        stored = 9 if r == 2 else 10
+        assert receipt_row(postgres_head_url, request_id) == (10, stored), "not counted twice"
+        assert request(f"{listener.url}/requests/{request_id}").json()["stored"] == stored
 
 
 def test_postgres_cut_202s_go_on_to_the_streams_bound_then_503_then_all_drains(

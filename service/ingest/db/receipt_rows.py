@@ -38,10 +38,13 @@ _TABLE = requests.name
 _UPDATE = (
     "ON CONFLICT (id) DO UPDATE SET "
     f"accepted = {{greatest}}({_TABLE}.accepted, excluded.accepted), "
-    # Never past what was accepted: a batch written again (a stream's request delivered again after
-    # its writer died between the commit and the ack, a spool's re-send) finds its messages stored
-    # and would otherwise count them twice.
-    f"stored = {{least}}({_TABLE}.stored + excluded.stored, {{greatest}}({_TABLE}.accepted, excluded.accepted)), "
+    # Never past what was accepted and not dead-lettered (nor below 0): a batch written again (a
+    # stream's request delivered again after its writer died between the commit and the ack, a
+    # spool's re-send) finds its messages stored and would otherwise count them twice, or count as
+    # stored a message whose letter came after them (the store does not letter a request's message
+    # twice).
+    f"stored = {{greatest}}(0, {{least}}({_TABLE}.stored + excluded.stored, "
+    f"{{greatest}}({_TABLE}.accepted, excluded.accepted) - {_TABLE}.dead_lettered - excluded.dead_lettered)), "
     f"dead_lettered = {_TABLE}.dead_lettered + excluded.dead_lettered, "
     f"client = coalesce({_TABLE}.client, excluded.client) "
     f"WHERE {_TABLE}.client IS NULL OR excluded.client IS NULL OR {_TABLE}.client = excluded.client"

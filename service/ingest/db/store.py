@@ -195,19 +195,43 @@ class Store:
             raise
 
     def _dead_letter(self, message: Message, error: str) -> None:
+        lettered_already = False
+
         def insert_dead(conn: Connection, batch: list[Message]) -> None:
-            conn.execute(insert(dead_letters), [
-                {"received_at": _utc(m.received_at), "payload": m.text, "error": error, "ident": m.ident,
-                 "request": m.receipt.id if m.receipt is not None else None,
-                 "client": m.receipt.client if m.receipt is not None else None}
-                for m in batch
-            ])
-            receipt_rows.write(conn, batch, dead=True)
+            nonlocal lettered_already
+            lettered_already = _lettered_already(conn, batch[0])
+            if not lettered_already:
+                conn.execute(insert(dead_letters), [
+                    {"received_at": _utc(m.received_at), "payload": m.text, "error": error, "ident": m.ident,
+                     "request": m.receipt.id if m.receipt is not None else None,
+                     "client": m.receipt.client if m.receipt is not None else None}
+                    for m in batch
+                ])
+                receipt_rows.write(conn, batch, dead=True)
             return None
 
         self._retrying(insert_dead, [message])
+        if lettered_already:
+            log.warning("message refused again, its request written again; its dead letter stands: %s", error)
+            return
         self._metrics.dead_lettered.inc()
         log.error("message dead-lettered: %s", error)
+
+
+def _lettered_already(conn: Connection, message: Message) -> bool:
+    """Whether this message of this request has a letter: the request is being written again (a
+    stream's request delivered again, a spool's row fed again after a crash), and its first
+    writing dead-lettered the message and counted it in the receipt. Another request with the
+    same identity (a client's retry under a new id) gets a letter of its own, which a replay
+    moves into that request's receipt."""
+    if message.ident is None:
+        return False
+    request = message.receipt.id if message.receipt is not None else None
+    same_request = dead_letters.c.request.is_(None) if request is None else dead_letters.c.request == request
+    found = conn.execute(
+        select(dead_letters.c.id).where(dead_letters.c.ident == message.ident, same_request).limit(1)
+    ).first()
+    return found is not None
 
 
 def _with_receipts(insert_fn: Insert, *, fresh: bool = False) -> Insert:

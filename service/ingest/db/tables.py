@@ -100,6 +100,11 @@ dead_letters = Table(
     # The client (its token's name) that sent it: NULL without --auth-tokens and before 0004.
     Column("client", Text(), nullable=True),
     Index("ix_dead_letters_failed_at", "failed_at"),
+    # The store's look for a letter of the same message and request (0005).
+    Index(
+        "ix_dead_letters_ident", "ident",
+        postgresql_where=text("ident IS NOT NULL"), sqlite_where=text("ident IS NOT NULL"),
+    ),
 )
 
 # A receipt per accepted request, written in the transaction that stores (or dead-letters) its
