@@ -81,3 +81,17 @@ def test_upgrading_from_0003_keeps_receipts_and_letters_without_a_client(empty_d
             ("old-1", 3, 2, 1, None)
         ]
         assert conn.execute(text("SELECT request, client FROM dead_letters")).all() == [("old-1", None)]
+
+
+def test_identities_and_request_ids_compare_as_bytes_on_postgres(postgres_head_url, make_engine) -> None:
+    """0005: opaque keys in unique indexes, not strcoll under the database's collation."""
+    engine = make_engine(postgres_head_url)
+    with engine.connect() as conn:
+        found = set(conn.execute(text(
+            "SELECT table_name, column_name, collation_name FROM information_schema.columns "
+            "WHERE (table_name, column_name) IN (('messages', 'ident'), ('dead_letters', 'ident'), ('requests', 'id'))"
+        )).tuples())
+        indexes = {row.indexname for row in conn.execute(text("SELECT indexname FROM pg_indexes"))}
+    assert found == {("messages", "ident", "C"), ("dead_letters", "ident", "C"), ("requests", "id", "C")}
+    assert "ix_dead_letters_ident" in indexes
+

@@ -66,6 +66,9 @@ def stamps(moments: Iterable[float], *, sqlite: bool) -> list[str]:
 
 # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 _ID = BigInteger().with_variant(Integer(), "sqlite")
+# Identities and request ids are opaque keys: on Postgres they compare as bytes (COLLATE "C",
+# 0005), not by the database's linguistic collation. SQLite compares text as bytes already.
+_KEY = Text().with_variant(Text(collation="C"), "postgresql")
 
 messages = Table(
     "messages",
@@ -77,7 +80,7 @@ messages = Table(
     # The message's identity (identity.py): writes skip one already stored, so a retried request
     # or a re-sent batch is stored once. NULL where no second copy can come (a generated identity
     # without a spool) and in rows older than 0002; the partial index leaves those out.
-    Column("ident", Text(), nullable=True),
+    Column("ident", _KEY, nullable=True),
     Index(
         "uq_messages_ident", "ident", unique=True,
         postgresql_where=text("ident IS NOT NULL"), sqlite_where=text("ident IS NOT NULL"),
@@ -95,7 +98,7 @@ dead_letters = Table(
     Column("error", Text(), nullable=False),
     # Kept so a replay stores the message at most once, and moves its receipt (both NULL in
     # letters older than 0003).
-    Column("ident", Text(), nullable=True),
+    Column("ident", _KEY, nullable=True),
     Column("request", Text(), nullable=True),
     # The client (its token's name) that sent it: NULL without --auth-tokens and before 0004.
     Column("client", Text(), nullable=True),
@@ -114,7 +117,7 @@ dead_letters = Table(
 requests = Table(
     "requests",
     metadata,
-    Column("id", Text(), primary_key=True),
+    Column("id", _KEY, primary_key=True),
     Column("accepted", Integer(), nullable=False),
     Column("stored", Integer(), nullable=False, server_default="0"),
     Column("dead_lettered", Integer(), nullable=False, server_default="0"),
