@@ -39,6 +39,10 @@ ROW_OVERHEAD_BYTES = 32
 MESSAGE_OVERHEAD_BYTES = 8
 # The WAL file is cut back to this after a checkpoint, so a burst does not leave it large.
 WAL_LIMIT_BYTES = 16 * 1024 * 1024
+# Each connection's page cache (SQLite's default is 2 MiB). The writer appends and the feeder reads
+# what was just written, both from the operating system's cache: a large one of our own only
+# doubles those pages in the process (issue 18: RSS with a spool within 10 MiB of memory mode).
+CACHE_KIB = 256
 
 COLUMNS = ("seq", "received_at", "known", "request", "accepted", "client", "messages", "bytes",
            "idents", "ident_lengths", "texts", "text_lengths")
@@ -178,6 +182,7 @@ def open_spool(path: Path, sync: str = "full", *, create: bool = True, writable:
             _create(conn)
         elif (version := _check_contents(conn, path)) < VERSION and writable:
             _upgrade(conn, version)
+        conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         if writable:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={sync.upper()}")
