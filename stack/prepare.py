@@ -151,9 +151,13 @@ def check_ports(values: Mapping[str, str], root: Path = ROOT) -> str:
 # ---------------------------------------------------------------- 2. the engine
 
 
-def check_engine() -> str:
+def _need_client() -> None:
     if shutil.which("docker") is None:
         raise NotReady("the docker client is missing: install Docker (Debian: apt-get install docker.io)")
+
+
+def check_engine() -> str:
+    _need_client()
     answer = docker("info", "--format", "{{.ServerVersion}}", timeout_s=30)
     if answer.returncode != 0:
         if not any(shutil.which("dockerd", path=folder) for folder in (None, "/usr/sbin:/usr/bin")):
@@ -170,6 +174,7 @@ def plugins_folder(environ: Mapping[str, str] = os.environ) -> Path:
 
 
 def compose_version() -> str | None:
+    _need_client()
     found = docker("compose", "version", "--short")
     if found.returncode != 0:
         return None
