@@ -124,7 +124,7 @@ class Service:
             if not self.spool.keeps_unstored:
                 raise
             log.warning("%s: starting anyway; what is accepted waits in the spool until it answers", exc)
-            self.gate.wait_for_database(str(exc))
+            self.gate.wait_for_database()
             return False
         self.gate.opened.set()
         return True

@@ -41,8 +41,9 @@ class DatabaseGate:
         """Left behind, not waited for: a check stuck connecting to a silent database holds no data."""
         self._checker.shutdown(wait=False, cancel_futures=True)
 
-    def wait_for_database(self, reason: str) -> None:
-        """The start's check failed with `reason`: keep trying from the main loop."""
+    def wait_for_database(self) -> None:
+        """The start's check found the database away (the caller logged why): keep trying from
+        the main loop."""
         self._waiting_since = self._last_log = time.monotonic()
         self._next_attempt = self._waiting_since + RETRY_INTERVAL_S
 
