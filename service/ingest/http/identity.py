@@ -10,12 +10,12 @@ Three sources, checked on the listener before anything is enqueued:
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import uuid
 
 from ingest.errors import Invalid
+from ingest.identities import GENERATED, keyed, run
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -26,12 +26,12 @@ class Generator:
     """Identities for messages that bring none. Called on the listener thread only."""
 
     def __init__(self) -> None:
-        self._prefix = f"g:{uuid.uuid4().hex[:12]}:"
-        self._counter = itertools.count()
+        self._prefix = f"{GENERATED}{uuid.uuid4().hex[:12]}:"
+        self._next = 0
 
     def take(self, count: int) -> list[str]:
-        prefix = self._prefix
-        return [f"{prefix}{n:012x}" for n in itertools.islice(self._counter, count)]
+        start, self._next = self._next, self._next + count
+        return run(self._prefix, start, count)
 
 
 def checked_key(header: str) -> str:
@@ -45,7 +45,7 @@ def checked_key(header: str) -> str:
 
 
 def from_key(key: str, count: int) -> list[str]:
-    return [f"k:{key}:{index}" for index in range(count)]
+    return [keyed(key, index) for index in range(count)]
 
 
 def from_field(texts: list[str], field: str) -> list[str]:

@@ -33,12 +33,12 @@ from typing import Any
 
 import orjson
 
+from ingest import identities
 from ingest.messages import Message
 
 MSG_ID = "Nats-Msg-Id"
 WIRE = "Ingest-Wire"
 VERSION = "2"
-_GENERATED_WIDTH = 12  # identity.Generator's counter width, in hex digits
 
 
 class Malformed(ValueError):
@@ -87,19 +87,7 @@ def encode(parts: Sequence[Part], msg_id: str) -> tuple[bytes, dict[str, str]]:
 
 
 def _idents(idents: list[str]) -> str | list[str]:
-    first, count = idents[0], len(idents)
-    if first.startswith("g:") and _generated(first, count, idents[-1]):
-        return first
-    if first.startswith("k:") and first.endswith(":0"):
-        key = first[2:-2]
-        if idents[-1] == f"k:{key}:{count - 1}":
-            return f"k:{key}"
-    return idents
-
-
-def _generated(first: str, count: int, last: str) -> bool:
-    prefix, _, counter = first.rpartition(":")
-    return last == f"{prefix}:{int(counter, 16) + count - 1:0{_GENERATED_WIDTH}x}"
+    return identities.compact(idents[0], idents[-1], len(idents)) or idents
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +146,7 @@ def _decode_v1(data: bytes, headers: dict[str, str]) -> Request:
     return Request(
         request_id=headers[V1_REQUEST], received_at=float(headers[V1_RECEIVED]), client=headers.get(V1_CLIENT),
         fresh=headers.get(V1_FRESH) == "1", reply=headers.get(V1_REPLY), texts=texts, idents=idents,
-        generated=ident.startswith("g:"),
+        generated=ident.startswith(identities.GENERATED),
     )
 
 
@@ -183,7 +171,8 @@ def _decode(data: bytes) -> list[Request]:
             raise ValueError(f"{len(texts)} texts and {len(idents)} identities for a count of {count}")
         requests.append(Request(
             request_id=str(d["r"]), received_at=float(d["t"]), client=d.get("c"), fresh=d.get("f") == 1,
-            reply=d.get("p"), texts=texts, idents=idents, generated=isinstance(d["i"], str) and d["i"].startswith("g:"),
+            reply=d.get("p"), texts=texts, idents=idents,
+            generated=isinstance(d["i"], str) and d["i"].startswith(identities.GENERATED),
         ))
     if at != len(lines):
         raise ValueError(f"{len(lines)} lines for requests of {at}")
@@ -193,10 +182,4 @@ def _decode(data: bytes) -> list[Request]:
 def _identities(ident: str | list[str], count: int) -> list[str]:
     if isinstance(ident, list):
         return [str(i) for i in ident]
-    if ident.startswith("k:"):
-        return [f"{ident}:{index}" for index in range(count)]
-    if ident.startswith("g:"):
-        prefix, _, counter = ident.rpartition(":")
-        start = int(counter, 16)
-        return [f"{prefix}:{n:0{_GENERATED_WIDTH}x}" for n in range(start, start + count)]
-    raise ValueError(f"identity {ident!r}")
+    return identities.expand(ident, count)
