@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from ingest.buffer import Buffer
-from ingest.errors import SpoolUnavailable
+from ingest.errors import SpoolError, SpoolUnavailable
+from ingest.http.identity import Generator, from_key
 from ingest.messages import Message, Receipt
 from ingest.receipts import Ledger
 from ingest.spool import file as spool
@@ -179,10 +180,44 @@ def test_a_commit_of_many_rows_writes_each_once_in_order_and_deletes_runs(tmp_pa
         conn.close()
 
 
-@pytest.mark.parametrize("items", [["x"], ["", "a,b", "1,2", "é😀", "\n\u0000", ""], [str(n) * n for n in range(50)]])
-def test_joined_strings_split_back_exactly(items) -> None:
-    blob, lengths = spool.joined(items)
-    assert spool.split(blob, lengths, len(items)) == items
+_TEXTS = {
+    "one": ['{"a": "x"}'],
+    "lines": ['{"n": 1}', '{"s": "a,b"}', '{"s": "é😀"}', "{}"],
+    "a newline in one": ['{"n": 1}', '{"s":\n"x"}', "{}"],
+    "empty and odd": ["", "1,2", "\n\u0000", "", "\r"],
+}
+_IDENTS = {
+    "generated": lambda n: Generator().take(n),
+    "keyed": lambda n: from_key("k%:0", n),
+    "field": lambda n: [f"f:{i},{i}" for i in range(n)],
+    "none": lambda n: [""] * n,
+    "a field with a newline": lambda n: [f"f:x\n{i}" for i in range(n)],
+}
+
+
+@pytest.mark.parametrize("texts", _TEXTS.values(), ids=_TEXTS.keys())
+@pytest.mark.parametrize("kind", _IDENTS)
+def test_a_packed_request_unpacks_exactly(texts, kind) -> None:
+    idents = _IDENTS[kind](len(texts))
+    packed = spool.pack(texts, idents, "req-1")
+    assert spool.unpack(packed.texts, packed.text_lengths, len(texts)) == texts
+    assert spool.unpack(packed.idents, packed.ident_lengths, len(texts)) == idents
+    # Its share of the bound counts every text and identity in full, however it is kept.
+    assert packed.bytes == spool.request_bytes(sum(map(len, texts)), sum(map(len, idents)), "req-1", len(texts))
+
+
+def test_strings_without_a_newline_are_kept_as_lines() -> None:
+    texts, idents = ['{"n": 1}', '{"n": 2}', '{"n": 3}'], Generator().take(3)
+    packed = spool.pack(texts, idents, "")
+    assert (packed.texts, packed.text_lengths) == ("\n".join(texts), spool.BY_NEWLINE)
+    assert (packed.idents, packed.ident_lengths) == ("\n".join(idents), spool.BY_NEWLINE)
+
+
+def test_a_row_that_does_not_add_up_is_an_error_not_wrong_messages() -> None:
+    with pytest.raises(SpoolError, match="2 lines for 3 messages"):
+        spool.unpack("a\nb", spool.BY_NEWLINE, 3)
+    with pytest.raises(SpoolError, match="lengths do not match"):
+        spool.unpack("abc", "1,1", 3)
 
 
 def test_a_failed_commit_leaves_a_gap_the_feeder_steps_over(writer) -> None:

@@ -159,10 +159,9 @@ def _spool_with_rows(path: Path, messages: int) -> None:
     n = 1
     while n <= messages:
         count = min(1 + len(rows) % 7, messages - n + 1)
-        idents, ident_lengths = spool.joined([f"g:x:{i}" for i in range(n, n + count)])
-        texts, text_lengths = spool.joined(["{}"] * count)
-        size = spool.request_bytes(len(texts), len(idents), "", count)
-        rows.append((len(rows) + 1, 0.0, 0, None, None, None, count, size, idents, ident_lengths, texts, text_lengths))
+        packed = spool.pack(["{}"] * count, [f"g:x:{i}" for i in range(n, n + count)], "")
+        rows.append((len(rows) + 1, 0.0, 0, None, None, None, count, packed.bytes, packed.idents, packed.ident_lengths,
+                     packed.texts, packed.text_lengths))
         n += count
     conn = spool.open_spool(path)
     with conn:
@@ -185,7 +184,7 @@ def _foreign(path: Path) -> None:
 
 def _newer(path: Path) -> None:
     _spool_with_rows(path, 1)
-    _execute(path, "UPDATE meta SET value = '5' WHERE key = 'version'")
+    _execute(path, f"UPDATE meta SET value = '{spool.VERSION + 1}' WHERE key = 'version'")
 
 
 def _truncated(path: Path) -> None:
@@ -199,7 +198,7 @@ def _truncated(path: Path) -> None:
     [
         (lambda p: p.write_bytes(b"\x00garbage" * 512), "not a spool file (not SQLite"),
         (_foreign, "a SQLite file, but not an ingest spool (tables: notes)"),
-        (_newer, "format version 5, this ingest reads versions 1 to 4"),
+        (_newer, f"format version {spool.VERSION + 1}, this ingest reads versions 1 to {spool.VERSION}"),
         (_truncated, "damaged"),
     ],
     ids=["garbage", "foreign", "newer", "truncated"],

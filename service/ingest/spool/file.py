@@ -1,9 +1,9 @@
 """The spool file: accepted requests on local disk until the database has their messages.
 
 A SQLite file in WAL mode (a real embedded engine, no home-made log format). One row a request,
-in acceptance order (`seq`): its validated texts and their identities, each kept as one string
-(the texts joined, and their lengths), so writing, reading back and deleting a request costs
-three statements whatever its size. A `meta` table names the format and its version, so a
+in acceptance order (`seq`): its validated texts and their identities, each list kept as one
+string (`pack`), so writing, reading back and deleting a request costs three statements whatever
+its size, and making and splitting its strings a few calls in C. A `meta` table names the format and its version, so a
 foreign or newer file is refused instead of being reset. Only the spool writer thread writes;
 the feeder reads through a connection of its own.
 
@@ -30,8 +30,9 @@ from ingest.vocabulary import SPOOL_SYNC_MODES
 
 FORMAT = "ingest-spool"
 # 2: each row names its request and the request's size, for receipts; 3: its client;
-# 4: one row a request (its texts and identities joined), not one a message.
-VERSION = 4
+# 4: one row a request (its texts and identities joined), not one a message; 5: the lengths column
+# may instead say that the strings are joined by newlines (BY_NEWLINE).
+VERSION = 5
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # What a request costs on disk beyond its texts and identities: seq, received_at, counts and page
 # overhead, roughly; and each message's share of the two length lists.
@@ -47,6 +48,11 @@ CACHE_KIB = 256
 COLUMNS = ("seq", "received_at", "known", "request", "accepted", "client", "messages", "bytes",
            "idents", "ident_lengths", "texts", "text_lengths")
 _BYTES = COLUMNS.index("bytes")
+# A row of several messages keeps each list (texts, identities) joined by newlines when none of
+# its strings holds one (BY_NEWLINE in the lengths column: joined and split back by one call in
+# C each), else concatenated, with their lengths ("3,0,12"). A one-message row is its whole text
+# and identity; its lengths are never read.
+BY_NEWLINE = "\n"
 # A commit's rows go in multi-row INSERTs of 32, 16, 8, 4, 2 or 1 rows: a handful of statements
 # a commit, each one step (SQLite gives the GIL back for each step, and every time the writer
 # waits to get it back behind the listener and the consumers: most of a commit's time). Only these
@@ -65,8 +71,9 @@ _SCHEMA = (
 # Older files are upgraded in place when opened for writing: version 1 rows have no request,
 # version 1 and 2 rows no client (their receipts are written without an owner); rows of versions
 # 1 to 3 hold one message each, and become one-message rows of version 4 (whose lengths are
-# never read: a one-message row is its whole text).
-_UPGRADES = {
+# never read: a one-message row is its whole text). Version 4 rows are version 5 rows that do not
+# use BY_NEWLINE: only the version changes.
+_UPGRADES: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE spool ADD COLUMN request TEXT", "ALTER TABLE spool ADD COLUMN accepted INTEGER"),
     2: ("ALTER TABLE spool ADD COLUMN client TEXT",),
     3: (
@@ -77,6 +84,7 @@ _UPGRADES = {
         "DROP TABLE spool",
         "ALTER TABLE spool_v4 RENAME TO spool",
     ),
+    4: (),
 }
 
 
@@ -113,18 +121,58 @@ def request_bytes(texts_length: int, idents_length: int, request: str, messages:
     return texts_length + idents_length + len(request) + ROW_OVERHEAD_BYTES + messages * MESSAGE_OVERHEAD_BYTES
 
 
-def joined(items: Sequence[str]) -> tuple[str, str]:
-    """Strings as one: their concatenation and their lengths (exact for any text, and a join and a
-    split cost far less than a JSON array's escaping: measured in docs/performance/benchmark.md)."""
-    if len(items) == 1:
-        return items[0], str(len(items[0]))
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A request's texts and identities as its row keeps them, and its share of the spool's bytes."""
+
+    idents: str
+    ident_lengths: str
+    texts: str
+    text_lengths: str
+    bytes: int
+
+
+def pack(texts: list[str], idents: list[str], request: str) -> Packed:
+    """A request's strings for its row (see BY_NEWLINE). Made on the listener's thread, once a
+    request."""
+    count = len(texts)
+    if count == 1:
+        text, ident = texts[0], idents[0]
+        return Packed(ident, str(len(ident)), text, str(len(text)), request_bytes(len(text), len(ident), request, 1))
+    text, text_lengths, texts_length = _packed(texts)
+    ident, ident_lengths, idents_length = _packed(idents)
+    return Packed(ident, ident_lengths, text, text_lengths, request_bytes(texts_length, idents_length, request, count))
+
+
+def _packed(items: list[str]) -> tuple[str, str, int]:
+    """Several strings as one, how to split them, and their length together."""
+    blob = "\n".join(items)
+    if blob.count("\n") == len(items) - 1:
+        return blob, BY_NEWLINE, len(blob) - len(items) + 1
+    blob, lengths = _joined(items)
+    return blob, lengths, len(blob)
+
+
+def unpack(blob: str, lengths: str, count: int) -> list[str]:
+    """A row's texts or identities, back."""
+    if count == 1:
+        return [blob]
+    if lengths == BY_NEWLINE:
+        items = blob.split("\n")
+        if len(items) != count:
+            raise SpoolError(f"a spool row holds {len(items)} lines for {count} messages")
+        return items
+    return _split(blob, lengths, count)
+
+
+def _joined(items: Sequence[str]) -> tuple[str, str]:
+    """Strings as one, for any text: their concatenation and their lengths (a join and a split cost
+    far less than a JSON array's escaping: measured in docs/performance/benchmark.md)."""
     return "".join(items), ",".join([str(len(item)) for item in items])
 
 
-def split(blob: str, lengths: str, count: int) -> list[str]:
-    """The strings `joined` made, back."""
-    if count == 1:
-        return [blob]
+def _split(blob: str, lengths: str, count: int) -> list[str]:
+    """The strings `_joined` made, back."""
     # Loops in C (map, slice): the feeder splits every message a spooled backlog holds, twice.
     bounds = list(itertools.accumulate(map(int, lengths.split(",")), initial=0))
     if len(bounds) != count + 1 or bounds[-1] != len(blob):
@@ -328,7 +376,7 @@ def read_after(conn: sqlite3.Connection, after_seq: int, up_to_seq: int, max_mes
         for seq, received_at, known, request, accepted, client, n, size, idents, ident_lengths, texts, lengths \
                 in cursor:
             found.append(Row(seq, received_at, bool(known), request, accepted, client, size,
-                             split(idents, ident_lengths, n), split(texts, lengths, n)))
+                             unpack(idents, ident_lengths, n), unpack(texts, lengths, n)))
             count += n
             if count >= max_messages:
                 break
