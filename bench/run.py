@@ -8,8 +8,9 @@ installed (a Python client would take the cores the service and the database nee
 `ingest push`), waits until every acknowledged message is in the table, and prints messages/s
 end to end. In the same run it writes the same messages straight to the same database with the
 same driver (the raw limit) and prints `ingest / raw`, measures a bare aiohttp handler
-(bench/bare.py) just before each 1-message run for its ratio (`--rounds` pairs, the median
-printed), and prints the service's peak RSS. With a spool it also prints the fsync time of the
+(bench/bare.py) just before each 1-message run for its ratio, and prints the service's peak RSS.
+Every mode runs once a round (`--rounds`, modes in turn within a round), and its ratio to memory
+mode is taken within each round: the median of the rounds is printed. With a spool it also prints the fsync time of the
 spool's disk, measured in the same run, and the group commits the service made (how many
 requests each carried, how long each took against that fsync). Figures, not assertions.
 """
@@ -396,62 +397,87 @@ def mode_flags(mode: str, tmp: str, stream: Stream | None = None) -> Mode:
 
 
 def report(label: str, url: str, count: Callable[[], int], raw: float, args: argparse.Namespace) -> None:
-    """Each mode on the same messages; spool modes also as a ratio to memory mode in this run.
+    """Each mode on the same messages; every mode also as a ratio to memory mode in this run.
 
-    With wrk, each 1-message run is paired with a run of the bare aiohttp handler just before
-    it and repeated `--rounds` times: this machine's speed drifts by 20 % within minutes, so a
-    ratio is taken between neighbours, and the median of the rounds is the figure.
+    This machine's speed drifts by 20 % within minutes, so a ratio is taken between neighbours:
+    `--rounds` rounds, each running every mode in turn (NDJSON, then 1 message a request), each
+    mode's ratio to memory mode taken within its round, and the median of the rounds is the
+    figure. With wrk, each 1-message run is also paired with a run of the bare aiohttp handler
+    just before it.
     """
-    memory: dict[int, float] = {}
-    medians: dict[tuple[str, int], float] = {}  # (mode, batch) -> its median rate in this run
     with tempfile.TemporaryDirectory() as tmp:
         fsync = fsync_ms(tmp)
         print(f"{label} spool disk ({tmp}): fsync of a 4 KiB write {fsync[0]:.2f} ms median, {fsync[1]:.2f} ms p90; "
               f"one fsync a group commit allows {1000 / fsync[0]:,.0f} commits/s")
         for batch, total, name in ((100, args.messages, "NDJSON x100"), (1, args.single, "1 msg/request")):
+            rates: dict[str, list[float]] = {mode: [] for mode in args.modes}
+            ratios: dict[str, dict[str, list[float]]] = {mode: {} for mode in args.modes}  # baseline -> a round each
+            bench = _Bench(label, url, count, raw, tmp, fsync[0], args)
+            for _ in range(args.rounds):
+                for mode in args.modes:
+                    rate, versus = _one_run(bench, total, batch, name, mode)
+                    rates[mode].append(rate)
+                    for baseline, ratio in versus.items():
+                        ratios[mode].setdefault(baseline, []).append(ratio)
             for mode in args.modes:
-                paired = batch == 1 and shutil.which("wrk") is not None
-                rates: list[float] = []
-                ratios: dict[str, list[float]] = {}  # baseline -> ingest / it, a round each
-                for _ in range(args.rounds if paired else 1):
-                    bares = {}
-                    if paired:
-                        bares["bare aiohttp"] = bare_aiohttp(wrk_seconds(total, 1), args.concurrency)
-                        if args.bare_uvloop:
-                            bares["bare on uvloop"] = bare_aiohttp(wrk_seconds(total, 1), args.concurrency, uvloop=True)
-                    stream = Stream(tmp) if mode.startswith("nats-") else None
-                    try:
-                        run = end_to_end(url, count, total, batch, args.concurrency, mode_flags(mode, tmp, stream))
-                    finally:
-                        if stream is not None:
-                            stream.close()
-                    rate, rss = run.rate, run.rss_mib
-                    rates.append(rate)
-                    if run.commits:
-                        print(f"{label} {mode:12} {name}: {run.commits:,} group commits of "
-                              f"{run.requests / run.commits:.1f} requests on average, one every "
-                              f"{run.seconds / run.commits * 1000:.2f} ms (an fsync: {fsync[0]:.2f} ms)")
-                    versus = ""
-                    for baseline, bare in bares.items():
-                        ratios.setdefault(baseline, []).append(rate / bare)
-                        versus += f"; {baseline} just before {bare:,.0f} req/s: / {baseline} = {rate / bare:.2f}"
-                    print(f"{label} {mode:12} {name}: {rate:,.0f} msgs/s end to end; ingest / raw = "
-                          f"{rate / raw:.3f}{versus}; peak RSS {rss:.0f} MiB")
-                rate = statistics.median(rates)
-                medians[mode, batch] = rate
-                if mode == "memory":
-                    memory[batch] = rate
-                summary = [
-                    f"/ {baseline} = {statistics.median(each):.2f} (median of {len(each)}: "
-                    + ", ".join(f"{r:.2f}" for r in each) + ")"
-                    for baseline, each in ratios.items()
-                ]
-                if batch in memory and mode != "memory":
-                    summary.append(f"/ memory = {rate / memory[batch]:.2f}")
-                if (VERSUS.get(mode), batch) in medians:
-                    summary.append(f"/ {VERSUS[mode]} = {rate / medians[VERSUS[mode], batch]:.2f}")
-                if summary:
-                    print(f"{label} {mode:12} {name}: " + "; ".join(summary))
+                _summary(label, mode, name, rates, ratios[mode])
+
+
+@dataclass(frozen=True)
+class _Bench:
+    """What every run against one database shares."""
+
+    label: str
+    url: str
+    count: Callable[[], int]
+    raw: float  # the raw bulk write's rows/s
+    tmp: str
+    fsync_ms: float
+    args: argparse.Namespace
+
+
+def _one_run(bench: _Bench, total: int, batch: int, name: str, mode: str) -> tuple[float, dict[str, float]]:
+    """One end-to-end run of `mode` (with its bare aiohttp runs just before, for 1 message a
+    request): its rate, and its ratio to each bare baseline."""
+    label, tmp, args = bench.label, bench.tmp, bench.args
+    bares = {}
+    if batch == 1 and shutil.which("wrk") is not None:
+        bares["bare aiohttp"] = bare_aiohttp(wrk_seconds(total, 1), args.concurrency)
+        if args.bare_uvloop:
+            bares["bare on uvloop"] = bare_aiohttp(wrk_seconds(total, 1), args.concurrency, uvloop=True)
+    stream = Stream(tmp) if mode.startswith("nats-") else None
+    try:
+        run = end_to_end(bench.url, bench.count, total, batch, args.concurrency, mode_flags(mode, tmp, stream))
+    finally:
+        if stream is not None:
+            stream.close()
+    if run.commits:
+        print(f"{label} {mode:12} {name}: {run.commits:,} group commits of "
+              f"{run.requests / run.commits:.1f} requests on average, one every "
+              f"{run.seconds / run.commits * 1000:.2f} ms (an fsync: {bench.fsync_ms:.2f} ms)")
+    versus = {baseline: run.rate / bare for baseline, bare in bares.items()}
+    shown = "".join(f"; {baseline} just before {bares[baseline]:,.0f} req/s: / {baseline} = {ratio:.2f}"
+                    for baseline, ratio in versus.items())
+    print(f"{label} {mode:12} {name}: {run.rate:,.0f} msgs/s end to end; ingest / raw = "
+          f"{run.rate / bench.raw:.3f}{shown}; peak RSS {run.rss_mib:.0f} MiB")
+    return run.rate, versus
+
+
+def _summary(label: str, mode: str, name: str, rates: dict[str, list[float]], bares: dict[str, list[float]]) -> None:
+    """A mode's medians: against the bare handler, and against memory mode (and VERSUS) round by round."""
+    summary = [
+        f"/ {baseline} = {statistics.median(each):.2f} (median of {len(each)}: " + ", ".join(f"{r:.2f}" for r in each)
+        + ")" for baseline, each in bares.items()
+    ]
+    for other in ("memory", VERSUS.get(mode)):
+        if other is None or other == mode or other not in rates:
+            continue
+        each = [mine / theirs for mine, theirs in zip(rates[mode], rates[other], strict=True)]
+        rounds = ", ".join(f"{r:.2f}" for r in each)
+        rounds = f" (median of {len(each)} rounds: {rounds})" if len(each) > 1 else ""
+        summary.append(f"/ {other} = {statistics.median(each):.2f}{rounds}")
+    print(f"{label} {mode:12} {name}: median {statistics.median(rates[mode]):,.0f} msgs/s"
+          + "".join(f"; {part}" for part in summary))
 
 
 def main() -> None:
@@ -460,7 +486,9 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=20_000, help="messages for the 1-a-request runs")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3,
-                        help="1-message runs, each paired with a bare aiohttp run just before it (with wrk)")
+                        help="rounds, each running every mode in turn; ratios to memory mode are taken within "
+                             "a round, and their median printed (1-message runs are each paired with a bare "
+                             "aiohttp run just before it, with wrk)")
     parser.add_argument("--bare-uvloop", action="store_true",
                         help="also run the bare handler on uvloop (ingest's default loop) in each round, "
                              "and print the ratio to it")
@@ -482,7 +510,8 @@ def main() -> None:
     rows = messages(args.messages)
     client = "wrk + bench/messages.lua" if shutil.which("wrk") else "ingest push"
     print(f"about {args.messages:,} messages (NDJSON runs), about {args.single:,} (single runs); client {client}, "
-          f"concurrency {args.concurrency}; ingest serve with its defaults and 4 consumers")
+          f"concurrency {args.concurrency}; ingest serve with its defaults and 4 consumers; {args.rounds} rounds, "
+          "each mode once a round")
     if shutil.which("wrk"):
         print("bare aiohttp: bench/bare.py (reads the body, answers 202, nothing else), same wrk load, "
               f"run before each 1-message run ({args.rounds} rounds)"
