@@ -310,10 +310,16 @@ def postgres_case(admin_url: str, args: argparse.Namespace, rows: list[dict[str,
             with psycopg.connect(plain) as conn:
                 return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])  # type: ignore[index]
 
+        def empty() -> None:
+            with psycopg.connect(plain) as conn:
+                conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
+
+        empty()
         copy = raw_postgres_copy(plain, rows, 500)
+        empty()
         many = raw_postgres_executemany(plain, rows[: len(rows) // 4], 500)
         print(f"postgres raw: COPY {copy:,.0f} rows/s, executemany {many:,.0f} rows/s (batches of 500, one writer)")
-        report("postgres", sa_url, count, copy, args)
+        report("postgres", sa_url, Tables(count, empty), copy, args)
 
 
 def sqlite_case(args: argparse.Namespace, rows: list[dict[str, object]]) -> None:
@@ -329,9 +335,29 @@ def sqlite_case(args: argparse.Namespace, rows: list[dict[str, object]]) -> None
             finally:
                 conn.close()
 
+        def empty() -> None:
+            conn = sqlite3.connect(path)
+            try:
+                with conn:
+                    for table in TABLES:
+                        conn.execute(f"DELETE FROM {table}")
+            finally:
+                conn.close()
+
         raw = raw_sqlite(path, rows, 500)
         print(f"sqlite raw: executemany {raw:,.0f} rows/s (batches of 500, one writer, WAL)")
-        report("sqlite", url, count, raw, args)
+        report("sqlite", url, Tables(count, empty), raw, args)
+
+
+# Emptied before every run, so that each mode writes into the same empty tables (a run into a
+# table that earlier runs filled pays for larger indexes: the modes run later in a round did).
+TABLES = ("messages", "requests", "dead_letters")
+
+
+@dataclass(frozen=True)
+class Tables:
+    count: Callable[[], int]  # messages stored
+    empty: Callable[[], None]
 
 
 MODES = ("memory", "spool-full", "spool-normal", "spool-dir", "workers-2-spool", "auth", "workers-2",
@@ -396,14 +422,14 @@ def mode_flags(mode: str, tmp: str, stream: Stream | None = None) -> Mode:
     return Mode(["--spool", f"{tmp}/{uuid.uuid4().hex[:8]}.spool", "--spool-sync", mode.removeprefix("spool-")])
 
 
-def report(label: str, url: str, count: Callable[[], int], raw: float, args: argparse.Namespace) -> None:
+def report(label: str, url: str, tables: Tables, raw: float, args: argparse.Namespace) -> None:
     """Each mode on the same messages; every mode also as a ratio to memory mode in this run.
 
     This machine's speed drifts by 20 % within minutes, so a ratio is taken between neighbours:
-    `--rounds` rounds, each running every mode in turn (NDJSON, then 1 message a request), each
-    mode's ratio to memory mode taken within its round, and the median of the rounds is the
-    figure. With wrk, each 1-message run is also paired with a run of the bare aiohttp handler
-    just before it.
+    `--rounds` rounds, each running every mode in turn (NDJSON, then 1 message a request; each
+    round starts one mode later), each mode's ratio to memory mode taken within its round, and
+    the median of the rounds is the figure. Every run starts from empty tables. With wrk, each
+    1-message run is also paired with a run of the bare aiohttp handler just before it.
     """
     with tempfile.TemporaryDirectory() as tmp:
         fsync = fsync_ms(tmp)
@@ -412,9 +438,10 @@ def report(label: str, url: str, count: Callable[[], int], raw: float, args: arg
         for batch, total, name in ((100, args.messages, "NDJSON x100"), (1, args.single, "1 msg/request")):
             rates: dict[str, list[float]] = {mode: [] for mode in args.modes}
             ratios: dict[str, dict[str, list[float]]] = {mode: {} for mode in args.modes}  # baseline -> a round each
-            bench = _Bench(label, url, count, raw, tmp, fsync[0], args)
-            for _ in range(args.rounds):
-                for mode in args.modes:
+            bench = _Bench(label, url, tables, raw, tmp, fsync[0], args)
+            for round_ in range(args.rounds):
+                shift = round_ % len(args.modes)  # each round starts one mode later: no mode always runs last
+                for mode in args.modes[shift:] + args.modes[:shift]:
                     rate, versus = _one_run(bench, total, batch, name, mode)
                     rates[mode].append(rate)
                     for baseline, ratio in versus.items():
@@ -429,7 +456,7 @@ class _Bench:
 
     label: str
     url: str
-    count: Callable[[], int]
+    tables: Tables
     raw: float  # the raw bulk write's rows/s
     tmp: str
     fsync_ms: float
@@ -445,9 +472,10 @@ def _one_run(bench: _Bench, total: int, batch: int, name: str, mode: str) -> tup
         bares["bare aiohttp"] = bare_aiohttp(wrk_seconds(total, 1), args.concurrency)
         if args.bare_uvloop:
             bares["bare on uvloop"] = bare_aiohttp(wrk_seconds(total, 1), args.concurrency, uvloop=True)
+    bench.tables.empty()
     stream = Stream(tmp) if mode.startswith("nats-") else None
     try:
-        run = end_to_end(bench.url, bench.count, total, batch, args.concurrency, mode_flags(mode, tmp, stream))
+        run = end_to_end(bench.url, bench.tables.count, total, batch, args.concurrency, mode_flags(mode, tmp, stream))
     finally:
         if stream is not None:
             stream.close()
