@@ -10,9 +10,10 @@ end to end. In the same run it writes the same messages straight to the same dat
 same driver (the raw limit) and prints `ingest / raw`, measures a bare aiohttp handler
 (bench/bare.py) just before each 1-message run for its ratio, and prints the service's peak RSS.
 Every mode runs once a round (`--rounds`, modes in turn within a round), and its ratio to memory
-mode is taken within each round: the median of the rounds is printed. With a spool it also prints the fsync time of the
-spool's disk, measured in the same run, and the group commits the service made (how many
-requests each carried, how long each took against that fsync). Figures, not assertions.
+mode is taken within each round: the median of the rounds is printed. With a spool it also
+prints the fsync time of the spool's disk, measured in the same run, and the group commits the
+service made (how many requests each carried, how long each took against that fsync). Figures,
+not assertions.
 """
 
 from __future__ import annotations
