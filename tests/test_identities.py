@@ -44,3 +44,12 @@ def test_field_identities_are_never_mistaken_for_a_run() -> None:
 def test_a_string_of_no_known_form_is_an_error() -> None:
     with pytest.raises(ValueError, match="identity"):
         identities.expand("z:x", 2)
+
+
+@pytest.mark.parametrize(("start", "count"), [(0, 1), (0, 100), (250, 10), (255, 1), (256, 1), (200, 600),
+                                              (0xFFFF, 3), (16**12 - 2, 2), (5, 0)])
+def test_runs_made_in_bulk_are_the_identities_made_one_by_one(start, count) -> None:
+    """The table of last digits crosses its 256-boundaries right, and keys are indexed from 0."""
+    assert identities.generated_run("g:p:", start, count) == [identities.generated("g:p:", n)
+                                                              for n in range(start, start + count)]
+    assert identities.keyed_run("a:%b", count) == [identities.keyed("a:%b", n) for n in range(count)]

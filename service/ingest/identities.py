@@ -25,6 +25,13 @@ def keyed(key: str, index: int) -> str:
     return f"{KEYED}{key}:{index}"
 
 
+def keyed_run(key: str, count: int) -> list[str]:
+    """The identities of a request of `count` messages under an Idempotency-Key: the same strings
+    as `keyed`, the prefix made once (9.0 µs for 100 against 12.6 calling `keyed` each)."""
+    prefix = f"{KEYED}{key}:"
+    return [f"{prefix}{index}" for index in range(count)]
+
+
 def compact(first: str, last: str, count: int) -> str | None:
     """The compact form of a request's `count` identities, from its first and last (a listener
     makes them as one run, never mixed), or None when they are not such a run."""
@@ -41,13 +48,13 @@ def compact(first: str, last: str, count: int) -> str | None:
     return None
 
 
-def run(prefix: str, start: int, count: int) -> list[str]:
+def generated_run(prefix: str, start: int, count: int) -> list[str]:
     """The generated identities of counters `start` to `start + count - 1` under `prefix`: the same
     strings as `generated`, made by concatenation in C (the last two hex digits from a table, the
     rest formatted once in 256): 0.03 µs an identity against 0.36 for an f-string each, on every
     message a spool or stream listener accepts."""
     if count == 1:  # the most common request: a table costs more than it saves
-        return [f"{prefix}{start:{_SPEC}}"]
+        return [generated(prefix, start)]
     made: list[str] = []
     end = start + count
     while start < end:
@@ -65,9 +72,8 @@ _TAILS = [f"{n:02x}" for n in range(256)]
 def expand(form: str, count: int) -> list[str]:
     """The `count` identities a compact form stands for; ValueError if it is none."""
     if form.startswith(KEYED):
-        template = form.replace("%", "%%") + ":%d"  # formatted in C: half the time of an f-string
-        return list(map(template.__mod__, range(count)))
+        return keyed_run(form[len(KEYED):], count)
     if form.startswith(GENERATED):
         prefix, _, counter = form.rpartition(":")
-        return run(prefix + ":", int(counter, 16), count)
+        return generated_run(prefix + ":", int(counter, 16), count)
     raise ValueError(f"identity {form!r}")

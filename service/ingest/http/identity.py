@@ -15,7 +15,7 @@ import re
 import uuid
 
 from ingest.errors import Invalid
-from ingest.identities import GENERATED, keyed, run
+from ingest.identities import GENERATED, generated_run, keyed_run
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -31,7 +31,7 @@ class Generator:
 
     def take(self, count: int) -> list[str]:
         start, self._next = self._next, self._next + count
-        return run(self._prefix, start, count)
+        return generated_run(self._prefix, start, count)
 
 
 def checked_key(header: str) -> str:
@@ -45,7 +45,7 @@ def checked_key(header: str) -> str:
 
 
 def from_key(key: str, count: int) -> list[str]:
-    return [keyed(key, index) for index in range(count)]
+    return keyed_run(key, count)
 
 
 def from_field(texts: list[str], field: str) -> list[str]:
