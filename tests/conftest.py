@@ -6,6 +6,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,40 @@ from support.stages import Stages, build_stages
 
 POSTGRES_ADMIN = os.environ.get("INGEST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 DATA_THREADS = ("listener", "consumer-")
+
+
+DOCKER_TESTS = "tests/stack/test_docker_"  # the modules marked `docker`, and only they
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """What the scheduler below relies on. The Docker tests are the `docker` marker's (-m) and
+    its own, by module name: both must agree. And no two tests share a node id: it keys tests by
+    id, and would run one of them for all."""
+    strays = [item.nodeid for item in items
+              if (item.get_closest_marker("docker") is not None) != item.nodeid.startswith(DOCKER_TESTS)]
+    if strays:
+        raise pytest.UsageError(f"Docker tests live in {DOCKER_TESTS}*.py, marked docker, and only they: {strays}")
+    shared = sorted(nodeid for nodeid, n in Counter(item.nodeid for item in items).items() if n > 1)
+    if shared:
+        raise pytest.UsageError(f"tests sharing a node id (give each an id of its own): {shared}")
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With pytest-xdist (`-n 2`, tests/run), the Docker tests all go to one process, in file
+    order: each module starts the engine if none answers and stops what it started, so two
+    processes would stop it under each other. The rest go test by test to whichever is free.
+    (`--dist loadgroup` would say this with marks, but pytest 9.2 ignores the node ids that
+    xdist 3.8 rewrites for it: the groups were split.) Other --dist modes are left as asked."""
+    if config.getoption("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class DockerTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "docker" if nodeid.startswith(DOCKER_TESTS) else nodeid
+
+    return DockerTogether(config, log)
 
 
 def _admin_connection() -> psycopg.Connection[Any]:
