@@ -29,6 +29,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
 from ingest.errors import Backpressure, NotAListener, StreamFull, StreamUnavailable, first_line
-from ingest.messages import Message
+from ingest.messages import Message, Receipt
 from ingest.metrics import Metrics
 from ingest.pace import Throughput
 from ingest.receipts import Ledger
@@ -62,6 +63,29 @@ REPLY_PREFIX = "_INGEST.reply"
 # Messages a listener has on their way to the stream at once; requests accepted meanwhile wait
 # and go together in the next. Two: one is acked while the next is being stored.
 MAX_IN_FLIGHT = 2
+
+
+class Holding:
+    """Receipts kept in the ledger for `hold_s` after their 202, let go in the order they came:
+    one deque on the listener's loop, not a timer each (at 8,000 requests/s, 240,000 of them)."""
+
+    def __init__(self, ledger: Ledger, hold_s: float = HOLD_RECEIPT_S) -> None:
+        self._ledger = ledger
+        self._hold_s = hold_s
+        self._kept: deque[tuple[float, Receipt]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def keep(self, receipt: Receipt, now: float) -> None:
+        self._kept.append((now + self._hold_s, receipt))
+        self.release(now)
+
+    def release(self, now: float) -> None:
+        """Let go of every receipt whose time is up (also called by the poll: a quiet listener)."""
+        kept = self._kept
+        while kept and kept[0][0] <= now:
+            self._ledger.withdraw(kept.popleft()[1])
 
 
 @dataclass(eq=False)
@@ -92,6 +116,7 @@ class StreamIntake:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None  # made once with the connection, not per request
         self._drained = Throughput()
+        self._holding = Holding(ledger)
         self._status: admin.Status | None = None
         self._waiting: list[_Waiting] = []  # accepted, for the next message; only the loop's thread touches these
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -244,7 +269,7 @@ class StreamIntake:
             loop.call_later(self._commit_timeout_s, self._ledger.expire, receipt,
                             f"no writer reported its commit within {self._commit_timeout_s:g} s")
         else:
-            loop.call_later(HOLD_RECEIPT_S, self._ledger.withdraw, receipt)
+            self._holding.keep(receipt, loop.time())
 
     async def _on_reply(self, msg: Msg) -> None:
         """A writer's report of an ack=commit request: its counts, settled into the receipt."""
@@ -267,7 +292,9 @@ class StreamIntake:
 
     async def _poll(self, nc: Client) -> None:
         last: tuple[int, int] | None = None  # (last sequence, messages) of the previous poll
+        loop = asyncio.get_running_loop()
         while True:
+            self._holding.release(loop.time())
             try:
                 status, stream = await self._read(nc)
             except (NatsError, TimeoutError, RuntimeError, client.Missing) as exc:
