@@ -3,9 +3,11 @@
 A listener makes a request's identities in one go (http/identity.py): generated ones are
 consecutive (`g:<process>:<counter>`, a fixed-width hex counter), a client's Idempotency-Key
 gives `k:<key>:<index>` for index 0 on. Such a run is one short string, its compact form: the
-first generated identity, or `k:<key>`. The stream's wire format and the spool file keep a
-request's identities that way (100 identities of 27 characters are one of 27), and expand them
-when they read the request back.
+first generated identity, or `k:<key>`. The stream's wire format sends a request's identities
+that way (100 identities of 27 characters are one of 27) and expands them when a writer reads the
+request. (The spool file keeps them whole, newline-joined: compact there, a row of 100 was written
+12-20 µs faster, but read back in 31 µs against 2 for a newline split, measured before
+`generated_run` brought expanding to about 11 µs.)
 """
 
 from __future__ import annotations

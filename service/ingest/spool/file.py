@@ -4,8 +4,8 @@ A SQLite file in WAL mode (a real embedded engine, no home-made log format). One
 in acceptance order (`seq`): its validated texts and their identities, each list kept as one
 string (`pack`), so writing, reading back and deleting a request costs three statements whatever
 its size, and making and splitting its strings a few calls in C. A `meta` table names the format
-and its version, so a foreign or newer file is refused instead of being reset. Only the spool writer thread writes;
-the feeder reads through a connection of its own.
+and its version, so a foreign or newer file is refused instead of being reset. Only the spool
+writer thread writes; the feeder reads through a connection of its own.
 
 Opening checks the file before writing anything to it: a damaged, foreign or unknown-version file
 is a SpoolError naming the file and what is wrong, and the file is left as it was. An older file
