@@ -436,10 +436,10 @@ def report(label: str, url: str, tables: Tables, raw: float, args: argparse.Name
         fsync = fsync_ms(tmp)
         print(f"{label} spool disk ({tmp}): fsync of a 4 KiB write {fsync[0]:.2f} ms median, {fsync[1]:.2f} ms p90; "
               f"one fsync a group commit allows {1000 / fsync[0]:,.0f} commits/s")
+        bench = _Bench(label, url, tables, raw, tmp, fsync[0], args)
         for batch, total, name in ((100, args.messages, "NDJSON x100"), (1, args.single, "1 msg/request")):
             rates: dict[str, list[float]] = {mode: [] for mode in args.modes}
             ratios: dict[str, dict[str, list[float]]] = {mode: {} for mode in args.modes}  # baseline -> a round each
-            bench = _Bench(label, url, tables, raw, tmp, fsync[0], args)
             for round_ in range(args.rounds):
                 shift = round_ % len(args.modes)  # each round starts one mode later: no mode always runs last
                 for mode in args.modes[shift:] + args.modes[:shift]:
